@@ -1,0 +1,6 @@
+"""Model definitions: the Vision Transformer, position embeddings and analytic FLOP counts."""
+
+from pretrain.models.pos_embed import get_2d_sincos_pos_embed
+from pretrain.models.vit import Block, VisionTransformer, create_vit, list_vits
+
+__all__ = ["Block", "VisionTransformer", "create_vit", "get_2d_sincos_pos_embed", "list_vits"]
