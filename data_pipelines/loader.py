@@ -1,0 +1,171 @@
+"""``build_loader``: the one entry point the trainer uses to get batches.
+
+Batch contract (both backends): each item is a dict
+
+* ``images``: list with one float32 tensor ``[B, 3, S, S]`` per view (normalized with the view's
+  mean/std; grey images become 3 channels);
+* ``label``: int64 ``[B]`` (-1 where unknown);
+* ``num_corrupt``: int, samples of this batch that were corrupt and replaced;
+* ``keys``: list of ``"<shard>/<key>"`` strings (only when ``LoaderConfig.return_keys``).
+
+``B`` is the per-rank micro-batch size; batches are always full. The stream is infinite and a pure
+function of ``(seed, batch number, rank, world_size, num_workers)``: to resume, the trainer stores
+how many batches (micro-batches) this rank has consumed and passes it as ``start_batch``. See
+:mod:`data_pipelines.wds` for the slot design that makes this true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipelines.augment import ViewSpec
+from data_pipelines.synthetic import synthetic_batches
+from data_pipelines.wds import CorruptDataError, ShardSpecError, WdsBatches, resolve_shards
+
+__all__ = ["BACKENDS", "CorruptDataError", "LoaderConfig", "ShardSpecError", "build_loader"]
+
+BACKENDS = ("wds", "synthetic")
+
+
+@dataclass
+class LoaderConfig:
+    """The ``data`` section of a training config.
+
+    Attributes:
+        backend: ``wds`` (PyTorch DataLoader over WebDataset shards) or ``synthetic`` (random
+            images with the same contract, for benchmarks and equivalence tests; ``shards`` unused);
+            ``dali`` is planned.
+        shards: a directory with ``manifest.json`` written by ``data_pipelines.build_shards``
+            (preferred), a glob (``data/*.tar``) or a brace pattern (``data/shard-{000000..000009}.tar``).
+        num_workers: DataLoader worker processes per rank (0: load in the training process).
+            Part of the data order: changing it changes the stream.
+        prefetch_factor: batches prepared ahead by each worker.
+        max_corrupt_fraction: stop with ``CorruptDataError`` when more than this fraction of the
+            samples a worker has read (after at least 100) were corrupt.
+        return_keys: add the sample keys to each batch (tests, debugging).
+    """
+
+    backend: str = "wds"
+    shards: str = ""
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    max_corrupt_fraction: float = 0.01
+    return_keys: bool = False
+
+    def validate(self) -> None:
+        """Check field values, raising ``ValueError`` naming the field and what is valid."""
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"data.backend {self.backend!r} is not available; valid: {', '.join(BACKENDS)} "
+                f"(a DALI backend is planned behind the same build_loader)"
+            )
+        if not self.shards and self.backend != "synthetic":
+            raise ValueError("data.shards is empty: set it to a shard directory, glob or brace pattern")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if not 0.0 <= self.max_corrupt_fraction <= 1.0:
+            raise ValueError(f"data.max_corrupt_fraction must be in [0, 1], got {self.max_corrupt_fraction}")
+
+
+def _as_config(cfg: LoaderConfig | Mapping[str, Any]) -> LoaderConfig:
+    if isinstance(cfg, LoaderConfig):
+        return cfg
+    names = {f.name for f in fields(LoaderConfig)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+        raise ValueError(f"unknown data config keys {unknown}; valid: {sorted(names)}")
+    return LoaderConfig(**dict(cfg))
+
+
+def build_loader(
+    cfg: LoaderConfig | Mapping[str, Any],
+    views: Sequence[ViewSpec],
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_batch: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """An infinite iterator of batches for one rank (see the module docstring for the contract).
+
+    Args:
+        cfg: the data config (a :class:`LoaderConfig` or a mapping of its fields).
+        views: the views the method needs, in order.
+        batch_size: samples per batch on this rank (per micro-batch).
+        rank: this rank, 0 <= rank < world_size.
+        world_size: number of ranks.
+        seed: run seed.
+        start_batch: number of the first batch to yield (batches already consumed by this rank).
+
+    Returns:
+        An infinite iterator (a generator) whose ``k``-th item is batch ``start_batch + k``;
+        ``close()`` it to stop the worker processes early.
+
+    Raises:
+        ValueError: invalid config values or arguments.
+        ShardSpecError: missing path, unreadable manifest, no shards, or fewer shards than
+            ``world_size * num_workers``.
+    """
+    cfg = _as_config(cfg)
+    cfg.validate()
+    if not views:
+        raise ValueError("build_loader needs at least one ViewSpec")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    if cfg.backend == "synthetic":
+        return synthetic_batches(
+            views, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, start_batch=start_batch
+        )
+    shard_set = resolve_shards(cfg.shards)
+    dataset = WdsBatches(
+        shard_set,
+        views,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.num_workers,
+        seed=seed,
+        start_batch=start_batch,
+        max_corrupt_fraction=cfg.max_corrupt_fraction,
+        require_labels=shard_set.classes is not None,
+        return_keys=cfg.return_keys,
+    )
+    workers = cfg.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        in_order=True,
+        persistent_workers=workers > 0,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return _batches(loader)
+
+
+def _batches(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """Iterate ``loader``; stop its worker processes as soon as iteration ends.
+
+    Without this, an iterator whose worker raised (e.g. ``CorruptDataError``) sits in a reference
+    cycle with the exception's traceback, and its workers linger until the garbage collector
+    runs, then take seconds to be joined.
+    """
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()

@@ -1,0 +1,574 @@
+"""The WebDataset reader: a deterministic, resumable, infinite stream of collated batches.
+
+Design (the stream is a pure function of ``(seed, batch number, rank, world_size, num_workers)``):
+
+* **Slots.** With ``W`` ranks and ``N`` loader workers per rank (``N = 0`` counts as one), there
+  are ``W * N`` slots; slot ``s = rank * N + worker`` owns the shards ``k`` with
+  ``k % (W * N) == s``. Slots never share a shard, so ranks never see the same sample in a step.
+* **Slot stream.** Each slot reads an infinite sequence of sample positions ``p = 0, 1, ...``.
+  Epoch ``e`` visits the slot's shards in a permutation seeded by ``(seed, slot, e)`` and the
+  samples of each shard in a permutation seeded by ``(seed, slot, e, shard)``. Position ``p`` is
+  mapped to (epoch, shard, sample) from the per-shard sample counts alone, and the sample is read
+  by random access (seek to its tar offset from the shard's index), so jumping to any position
+  costs nothing.
+* **Batches.** Batch ``b`` of a rank is the ``(b // N)``-th batch of its worker ``b % N``, i.e.
+  positions ``[n * B, (n + 1) * B)`` of that worker's slot with ``n = b // N``. A resumed run
+  starting at batch ``b0`` has DataLoader worker ``w`` play the slot of worker ``(b0 + w) % N``
+  (DataLoader hands out batches round-robin from worker 0), starting at its batch
+  ``(b0 + w) // N``.
+* **Augmentation.** Sample position ``p`` of slot ``s`` is augmented with a ``torch.Generator``
+  seeded by ``derive_seed(seed, s, p)``; no global RNG state is used.
+* **Corrupt samples** (undecodable, empty, truncated, missing image or label, duplicate key) are
+  logged once, counted, and replaced by another good sample of the same batch (augmented with the
+  corrupt position's generator), so positions stay aligned; when a worker's running corrupt
+  fraction exceeds ``max_corrupt_fraction`` after at least :data:`MIN_SAMPLES_FOR_FRACTION`
+  samples, :class:`CorruptDataError` stops the job.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_pipelines.augment import ViewSpec, apply_views
+from data_pipelines.tar_index import SampleEntry, TarIndexError, load_index
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+SUPPORTED_MANIFEST_VERSION = 1
+MIN_SAMPLES_FOR_FRACTION = 100
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "bmp", "tif", "tiff")
+_MASK64 = (1 << 64) - 1
+_TAG_SHARD_ORDER, _TAG_SAMPLE_ORDER, _TAG_AUGMENT = 1, 2, 3
+_MAX_OPEN_FILES = 32
+
+
+class ShardSpecError(ValueError):
+    """The shard specification (directory, manifest, glob, brace pattern) cannot be used."""
+
+
+class CorruptDataError(RuntimeError):
+    """Too many corrupt samples: the data, not the code, needs fixing."""
+
+
+class CorruptSample(Exception):
+    """One sample cannot be used; the message says why."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds and permutations (stable across Python, NumPy and PyTorch versions)
+
+
+def derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (blake2b), independent of ``PYTHONHASHSEED``.
+
+    Args:
+        *parts: integers (negative values allowed).
+
+    Returns:
+        An integer in [0, 2**63).
+    """
+    data = b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def _splitmix64(state: int) -> tuple[int, int]:
+    state = (state + 0x9E3779B97F4A7C15) & _MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return state, z ^ (z >> 31)
+
+
+def permutation(n: int, seed: int) -> list[int]:
+    """A random permutation of ``range(n)`` (Fisher-Yates driven by splitmix64).
+
+    Args:
+        n: length.
+        seed: 64-bit seed.
+
+    Returns:
+        The permutation as a list.
+    """
+    perm = list(range(n))
+    state = seed & _MASK64
+    for i in range(n - 1, 0, -1):
+        state, r = _splitmix64(state)
+        j = (r * (i + 1)) >> 64  # multiply-shift: uniform enough for i << 2**64
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolving shard specifications
+
+
+@dataclass
+class ShardInfo:
+    """One shard file.
+
+    Attributes:
+        path: the tar file.
+        index_path: its DALI index file (may not exist: then the tar is scanned).
+        num_samples: sample count from the manifest, or ``None`` until the index is loaded.
+    """
+
+    path: Path
+    index_path: Path
+    num_samples: int | None = None
+
+    @property
+    def name(self) -> str:
+        """Shard file stem, used in keys and messages."""
+        return self.path.name.removesuffix(".tar")
+
+
+@dataclass
+class ShardSet:
+    """The resolved shard list plus what the manifest says about it."""
+
+    shards: list[ShardInfo]
+    classes: list[str] | None = None
+    manifest: dict[str, Any] | None = None
+    origin: str = ""
+
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{a,b}`` lists and ``{000..123}`` numeric ranges (zero padding kept).
+
+    Args:
+        pattern: e.g. ``"data/shard-{000000..000009}.tar"``.
+
+    Returns:
+        The expanded strings, in order.
+    """
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") and len(lo) > 1 else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        items = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + step, step)]
+    else:
+        items = body.split(",")
+    return [out for item in items for out in expand_braces(head + item + tail)]
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ShardSpecError(f"cannot read shard manifest {path}: {exc}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ShardSpecError(
+            f"shard manifest {path} has no 'shards' list; rebuild it with data_pipelines.build_shards"
+        )
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > SUPPORTED_MANIFEST_VERSION:
+        raise ShardSpecError(
+            f"shard manifest {path} has version {version!r}; this code reads versions <= {SUPPORTED_MANIFEST_VERSION}"
+        )
+    return manifest
+
+
+def resolve_shards(spec: str | os.PathLike[str]) -> ShardSet:
+    """Resolve a shard specification to shard files.
+
+    Args:
+        spec: a directory with ``manifest.json`` (preferred; a directory without one uses its
+            ``*.tar`` files), a ``manifest.json`` path, a glob (``data/*.tar``) or a brace pattern
+            (``data/shard-{000000..000009}.tar``).
+
+    Returns:
+        The shards in a deterministic order (manifest order, or sorted).
+
+    Raises:
+        ShardSpecError: empty spec, missing path, unreadable manifest, or nothing matched.
+    """
+    text = os.fspath(spec).strip()
+    if not text:
+        raise ShardSpecError(
+            "no shards given (data.shards is empty): set it to a directory built by "
+            "`python -m data_pipelines.build_shards`, a glob or a brace pattern"
+        )
+    path = Path(text).expanduser()
+    manifest_path = path / MANIFEST_NAME if path.is_dir() else path if path.name == MANIFEST_NAME else None
+    if manifest_path is not None and (manifest_path.exists() or not path.is_dir()):
+        manifest = _read_manifest(manifest_path)
+        root = manifest_path.parent
+        shards = []
+        for entry in manifest["shards"]:
+            tar = root / entry["name"]
+            idx = root / entry.get("index_file", Path(entry["name"]).with_suffix(".idx").name)
+            if not tar.is_file():
+                raise ShardSpecError(f"shard {tar} listed in {manifest_path} does not exist")
+            shards.append(ShardInfo(tar, idx, int(entry["num_samples"])))
+        if not shards:
+            raise ShardSpecError(f"shard manifest {manifest_path} lists no shards")
+        return ShardSet(shards, manifest.get("classes"), manifest, str(manifest_path))
+    if path.is_dir():
+        files = sorted(path.glob("*.tar"))
+        if not files:
+            raise ShardSpecError(f"directory {path} has neither {MANIFEST_NAME} nor *.tar shards")
+        log.info("%s has no %s; using its %d *.tar files", path, MANIFEST_NAME, len(files))
+    else:
+        files = []
+        for pattern in expand_braces(text):
+            if glob.has_magic(pattern):
+                files += [Path(p) for p in sorted(glob.glob(os.path.expanduser(pattern)))]
+            elif Path(pattern).expanduser().is_file():
+                files.append(Path(pattern).expanduser())
+            else:
+                raise ShardSpecError(f"shard {pattern} (from {text!r}) does not exist")
+        if not files:
+            raise ShardSpecError(f"no shard files match {text!r}")
+    return ShardSet([ShardInfo(f, f.with_suffix(".idx")) for f in files], origin=text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading samples
+
+
+class ShardReader:
+    """Random access to samples of shards (indexes loaded lazily, file handles cached)."""
+
+    def __init__(self, shards: Sequence[ShardInfo]) -> None:
+        self.shards = list(shards)
+        self._indexes: dict[int, list[SampleEntry]] = {}
+        self._files: OrderedDict[int, BinaryIO] = OrderedDict()
+
+    def index(self, i: int) -> list[SampleEntry]:
+        """Samples of shard ``i`` (loaded on first use; checked against the manifest count)."""
+        if i not in self._indexes:
+            shard = self.shards[i]
+            try:
+                entries = load_index(shard.path, shard.index_path)
+            except TarIndexError as exc:
+                raise ShardSpecError(str(exc)) from exc
+            if shard.num_samples is not None and shard.num_samples != len(entries):
+                raise ShardSpecError(
+                    f"shard {shard.path}: the manifest says {shard.num_samples} samples but its index has "
+                    f"{len(entries)}; rebuild the shards (python -m data_pipelines.build_shards)"
+                )
+            shard.num_samples = len(entries)
+            self._indexes[i] = entries
+        return self._indexes[i]
+
+    def count(self, i: int) -> int:
+        """Number of samples in shard ``i``."""
+        n = self.shards[i].num_samples
+        return n if n is not None else len(self.index(i))
+
+    def _file(self, i: int) -> BinaryIO:
+        f = self._files.get(i)
+        if f is None:
+            f = open(self.shards[i].path, "rb")  # noqa: SIM115 - cached, closed on eviction
+            self._files[i] = f
+            if len(self._files) > _MAX_OPEN_FILES:
+                self._files.popitem(last=False)[1].close()
+        else:
+            self._files.move_to_end(i)
+        return f
+
+    def read(self, i: int, j: int) -> tuple[str, dict[str, bytes]]:
+        """Read sample ``j`` of shard ``i``.
+
+        Returns:
+            (key, extension -> bytes).
+
+        Raises:
+            CorruptSample: a problem recorded in the index, or a short read (truncated shard).
+        """
+        entry = self.index(i)[j]
+        if entry.problem:
+            raise CorruptSample(entry.problem)
+        f = self._file(i)
+        out = {}
+        for ext, member in entry.components.items():
+            f.seek(member.offset)
+            data = f.read(member.size)
+            if len(data) != member.size:
+                raise CorruptSample(f"member {member.name} is truncated ({len(data)} of {member.size} bytes)")
+            out[ext] = data
+        return entry.key, out
+
+    def close(self) -> None:
+        """Close cached file handles."""
+        while self._files:
+            self._files.popitem()[1].close()
+
+
+def decode_sample(components: dict[str, bytes], require_label: bool) -> tuple[Image.Image, int]:
+    """Decode a sample's image and class index.
+
+    Args:
+        components: extension -> bytes.
+        require_label: a missing ``cls`` member makes the sample corrupt (else label -1).
+
+    Returns:
+        (decoded PIL image, label).
+
+    Raises:
+        CorruptSample: no image member, empty or undecodable image, bad or missing label.
+    """
+    ext = next((e for e in IMAGE_EXTS if e in components), None)
+    if ext is None:
+        raise CorruptSample(f"no image member (has: {', '.join(sorted(components)) or 'nothing'})")
+    data = components[ext]
+    if not data:
+        raise CorruptSample(f"empty {ext} member (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # PIL raises many types for bad data
+        raise CorruptSample(f"cannot decode {ext}: {type(exc).__name__}: {exc}") from None
+    raw = components.get("cls")
+    if raw is None:
+        if require_label:
+            raise CorruptSample("missing cls member (the data set is labelled)")
+        return image, -1
+    try:
+        return image, int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptSample(f"cls member {raw[:20]!r} is not an ASCII integer") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# The slot stream
+
+
+class SlotStream:
+    """Maps a slot's sample positions to (shard, sample) without reading data.
+
+    Args:
+        reader: reader over *all* shards.
+        shard_ids: indices (into ``reader.shards``) of the shards this slot owns.
+        seed: run seed.
+        slot: global slot id.
+    """
+
+    def __init__(self, reader: ShardReader, shard_ids: Sequence[int], seed: int, slot: int) -> None:
+        self.reader, self.shard_ids, self.seed, self.slot = reader, list(shard_ids), seed, slot
+        self.counts = [reader.count(i) for i in self.shard_ids]
+        self.epoch_size = sum(self.counts)
+        self._epoch: int | None = None
+        self._order: list[int] = []
+        self._cum: list[int] = []
+        self._perms: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+
+    def _set_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            order = permutation(
+                len(self.shard_ids), derive_seed(_TAG_SHARD_ORDER, self.seed, self.slot, epoch)
+            )
+            self._order = [k for k in order if self.counts[k] > 0]
+            self._cum, total = [], 0
+            for k in self._order:
+                total += self.counts[k]
+                self._cum.append(total)
+            self._epoch = epoch
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """The (shard index, sample index) read at ``position`` of this slot's stream."""
+        epoch, rest = divmod(position, self.epoch_size)
+        self._set_epoch(epoch)
+        k = bisect.bisect_right(self._cum, rest)
+        offset = rest - (self._cum[k - 1] if k else 0)
+        local = self._order[k]
+        shard = self.shard_ids[local]
+        key = (epoch, shard)
+        perm = self._perms.get(key)
+        if perm is None:
+            perm = permutation(
+                self.counts[local], derive_seed(_TAG_SAMPLE_ORDER, self.seed, self.slot, epoch, shard)
+            )
+            self._perms[key] = perm
+            if len(self._perms) > 4:
+                self._perms.popitem(last=False)
+        return shard, perm[offset]
+
+
+# ------------------------------------------------------------------------------------------------
+# The iterable dataset
+
+
+@dataclass
+class _CorruptStats:
+    seen: int = 0
+    corrupt: int = 0
+    by_shard: dict[str, int] = field(default_factory=dict)
+    logged: set[tuple[str, str]] = field(default_factory=set)
+
+
+class WdsBatches(IterableDataset):
+    """Infinite stream of collated batches for one rank (see the module docstring).
+
+    Each DataLoader worker (or the main process when ``num_workers == 0``) yields whole batches::
+
+        {"images": [FloatTensor[B, 3, S, S] per view], "label": LongTensor[B], "num_corrupt": int,
+         "keys": [str] * B  (only with return_keys)}
+
+    Args:
+        shard_set: resolved shards.
+        views: view recipes.
+        batch_size: samples per batch (per rank).
+        rank: this rank.
+        world_size: number of ranks.
+        num_workers: DataLoader workers per rank (0: the main process plays one slot).
+        seed: run seed.
+        start_batch: number of the first batch to produce.
+        max_corrupt_fraction: stop when a worker's corrupt fraction exceeds this.
+        require_labels: treat samples without ``cls`` as corrupt.
+        return_keys: add ``keys`` (``"<shard>/<key>"`` per sample) to each batch.
+    """
+
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        views: Sequence[ViewSpec],
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        start_batch: int = 0,
+        max_corrupt_fraction: float = 0.01,
+        require_labels: bool = False,
+        return_keys: bool = False,
+    ) -> None:
+        super().__init__()
+        self.shard_set = shard_set
+        self.views = list(views)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.workers = max(1, num_workers)
+        self.seed, self.start_batch = seed, start_batch
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.require_labels, self.return_keys = require_labels, return_keys
+        self.num_slots = world_size * self.workers
+        if len(shard_set.shards) < self.num_slots:
+            raise ShardSpecError(
+                f"{len(shard_set.shards)} shards ({shard_set.origin}) are fewer than the {self.num_slots} loader "
+                f"slots (world_size {world_size} x num_workers {self.workers}); every (rank, worker) needs at least "
+                f"one shard: build more, smaller shards (--shard-size) or use fewer workers"
+            )
+        self.reader = ShardReader(shard_set.shards)
+        for worker in range(self.workers):  # fail early, in the main process, on empty slots
+            slot = self.slot_id(worker)
+            if sum(self.reader.count(i) for i in self.slot_shards(slot)) == 0:
+                raise ShardSpecError(
+                    f"loader slot {slot} (rank {rank}, worker {worker}) owns only empty shards"
+                )
+
+    def slot_id(self, worker: int) -> int:
+        """Global slot id of this rank's ``worker``."""
+        return self.rank * self.workers + worker
+
+    def slot_shards(self, slot: int) -> list[int]:
+        """Indices of the shards owned by ``slot``."""
+        return list(range(slot, len(self.shard_set.shards), self.num_slots))
+
+    def batch(self, stream: SlotStream, n: int, stats: _CorruptStats) -> dict[str, Any]:
+        """Collate the ``n``-th batch of a slot stream (positions ``[n * B, (n + 1) * B)``)."""
+        positions = range(n * self.batch_size, (n + 1) * self.batch_size)
+        decoded: list[tuple[Image.Image, int, str] | None] = []
+        for p in positions:
+            shard_i, sample_j = stream.locate(p)
+            shard_name = self.reader.shards[shard_i].name
+            key = self.reader.index(shard_i)[sample_j].key
+            try:
+                key, components = self.reader.read(shard_i, sample_j)
+                image, label = decode_sample(components, self.require_labels)
+                decoded.append((image, label, f"{shard_name}/{key}"))
+            except CorruptSample as exc:
+                decoded.append(None)
+                stats.corrupt += 1
+                stats.by_shard[shard_name] = stats.by_shard.get(shard_name, 0) + 1
+                if (shard_name, key) not in stats.logged:
+                    stats.logged.add((shard_name, key))
+                    log.warning(
+                        "corrupt sample %s in shard %s: %s", key, self.reader.shards[shard_i].path, exc
+                    )
+        stats.seen += len(positions)
+        good = [i for i, d in enumerate(decoded) if d is not None]
+        num_corrupt = len(positions) - len(good)
+        if not good:
+            raise CorruptDataError(
+                f"every sample of batch {n} of loader slot {stream.slot} is corrupt "
+                f"(shards: {', '.join(sorted(stats.by_shard))}); check the data"
+            )
+        self._check_fraction(stats, stream.slot)
+        per_view: list[list[torch.Tensor]] = [[] for _ in self.views]
+        labels, keys = [], []
+        replacement = 0
+        for i, p in enumerate(positions):
+            item = decoded[i]
+            if item is None:
+                item = decoded[good[replacement % len(good)]]
+                replacement += 1
+            assert item is not None
+            image, label, key = item
+            gen = torch.Generator()
+            gen.manual_seed(derive_seed(_TAG_AUGMENT, self.seed, stream.slot, p))
+            for v, tensor in enumerate(apply_views(image, self.views, gen)):
+                per_view[v].append(tensor)
+            labels.append(label)
+            keys.append(key)
+        out: dict[str, Any] = {
+            "images": [torch.stack(ts) for ts in per_view],
+            "label": torch.tensor(labels, dtype=torch.int64),
+            "num_corrupt": num_corrupt,
+        }
+        if self.return_keys:
+            out["keys"] = keys
+        return out
+
+    def _check_fraction(self, stats: _CorruptStats, slot: int) -> None:
+        if stats.seen >= MIN_SAMPLES_FOR_FRACTION and stats.corrupt > self.max_corrupt_fraction * stats.seen:
+            worst = sorted(stats.by_shard.items(), key=lambda kv: -kv[1])[:5]
+            detail = ", ".join(f"{name}: {count}" for name, count in worst)
+            raise CorruptDataError(
+                f"{stats.corrupt} of {stats.seen} samples read by loader slot {slot} (rank {self.rank}) were corrupt "
+                f"({stats.corrupt / stats.seen:.2%} > max_corrupt_fraction {self.max_corrupt_fraction:.2%}); "
+                f"corrupt samples per shard: {detail}. Fix or rebuild these shards "
+                f"(python -m data_pipelines.build_shards), or raise data.max_corrupt_fraction"
+            )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        loader_worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.workers:
+            raise RuntimeError(f"dataset built for {self.workers} workers runs in {info.num_workers}")
+        plays = (self.start_batch + loader_worker) % self.workers
+        n = (self.start_batch + loader_worker) // self.workers
+        slot = self.slot_id(plays)
+        stream = SlotStream(self.reader, self.slot_shards(slot), self.seed, slot)
+        stats = _CorruptStats()
+        try:
+            while True:
+                yield self.batch(stream, n, stats)
+                n += 1
+        finally:
+            self.reader.close()

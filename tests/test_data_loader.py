@@ -1,0 +1,327 @@
+"""The WebDataset loader: batch contract, determinism, resume, rank disjointness, corrupt data, views."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import math
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_pipelines import build_shards as bs
+from data_pipelines import datasets
+from data_pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, apply_view, sample_crop_box
+from data_pipelines.loader import CorruptDataError, LoaderConfig, ShardSpecError, build_loader
+from data_pipelines.tar_index import group_samples, scan_tar, write_dali_index
+from data_pipelines.wds import expand_braces, permutation
+from tests.conftest import skip_or_fail
+
+VIEWS = [ViewSpec(size=32), ViewSpec(size=16, scale=(0.05, 0.4), interpolation="bilinear")]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """800 Fashion-MNIST training images in 8 shards of 100."""
+    try:
+        source = datasets.locate_dataset("fashion-mnist")
+    except datasets.DatasetNotFoundError as exc:
+        skip_or_fail(f"Fashion-MNIST not installed (apt-get install dataset-fashion-mnist): {exc}")
+    out = tmp_path_factory.mktemp("fmnist_shards")
+    bs.build_shards(source, out, limit=800, shard_size=100, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shard_labels(shards: Path) -> dict[str, int]:
+    """'<shard>/<key>' -> class index, read straight from the tars."""
+    labels = {}
+    for tar in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".cls"):
+                    labels[f"{tar.stem}/{m.name[:-4]}"] = int(tf.extractfile(m).read())
+    return labels
+
+
+def _take(cfg: LoaderConfig, n: int, **kw: Any) -> list[dict[str, Any]]:
+    args = {"batch_size": 8, "rank": 0, "world_size": 1, "seed": 0, **kw}
+    return list(itertools.islice(build_loader(cfg, VIEWS, **args), n))
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (
+        a["keys"] == b["keys"]
+        and torch.equal(a["label"], b["label"])
+        and all(torch.equal(x, y) for x, y in zip(a["images"], b["images"], strict=True))
+    )
+
+
+def test_batch_contract(shards: Path, shard_labels: dict[str, int]) -> None:
+    cfg = LoaderConfig(shards=str(shards), num_workers=0, return_keys=True)
+    batches = _take(cfg, 3, batch_size=6)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for batch in batches:
+        assert set(batch) == {"images", "label", "num_corrupt", "keys"}
+        assert [tuple(t.shape) for t in batch["images"]] == [(6, 3, 32, 32), (6, 3, 16, 16)]
+        assert all(t.dtype == torch.float32 for t in batch["images"])
+        assert batch["label"].dtype == torch.int64 and batch["label"].shape == (6,)
+        assert batch["num_corrupt"] == 0 and len(batch["keys"]) == 6
+        assert batch["label"].tolist() == [shard_labels[k] for k in batch["keys"]]
+        for view in batch["images"]:
+            pixels = view * std + mean  # undo the normalization: back in [0, 1]
+            assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+            assert pixels.std() > 0.05  # real image content, not a constant
+            torch.testing.assert_close(pixels[:, 0], pixels[:, 2])  # grey -> 3 equal channels
+
+
+def test_batches_are_deterministic(shards: Path) -> None:
+    cfg = LoaderConfig(shards=str(shards), num_workers=2, return_keys=True)
+    a, b = _take(cfg, 5), _take(cfg, 5)
+    assert all(_same(x, y) for x, y in zip(a, b, strict=True))
+    c = _take(cfg, 5, seed=1)
+    assert not any(_same(x, y) for x, y in zip(a, c, strict=True))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_start_batch(shards: Path, num_workers: int) -> None:
+    cfg = LoaderConfig(shards=str(shards), num_workers=num_workers, return_keys=True)
+    full = _take(cfg, 8)
+    for start in (3, 4):
+        resumed = _take(cfg, 8 - start, start_batch=start)
+        assert all(_same(x, y) for x, y in zip(full[start:], resumed, strict=True)), f"start_batch={start}"
+
+
+def test_epoch_visits_every_sample_once(shards: Path, shard_labels: dict[str, int]) -> None:
+    cfg = LoaderConfig(shards=str(shards), num_workers=0, return_keys=True)
+    keys = [k for b in _take(cfg, 16, batch_size=50, seed=3) for k in b["keys"]]  # 800 = one epoch
+    assert sorted(keys) == sorted(shard_labels)
+    assert keys[:100] != sorted(keys[:100])  # shuffled within shards
+
+
+def test_ranks_see_disjoint_samples(shards: Path) -> None:
+    cfg = LoaderConfig(shards=str(shards), num_workers=2, return_keys=True)
+    per_rank = [_take(cfg, 6, rank=r, world_size=2) for r in range(2)]
+    for step in range(6):
+        k0, k1 = (set(per_rank[r][step]["keys"]) for r in range(2))
+        assert not k0 & k1, f"step {step}"
+    # slot s = rank * workers + worker owns the shards k with k % 4 == s
+    owned = [{int(k.split("/")[0][-6:]) % 4 for b in per_rank[r] for k in b["keys"]} for r in range(2)]
+    assert owned == [{0, 1}, {2, 3}]
+
+
+def test_configuration_errors(shards: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        ShardSpecError, match=r"8 shards .* fewer than the 9 loader slots \(world_size 3 x num_workers 3\)"
+    ):
+        build_loader(
+            LoaderConfig(shards=str(shards), num_workers=3), VIEWS, batch_size=4, rank=0, world_size=3, seed=0
+        )
+    with pytest.raises(ShardSpecError, match="does not exist"):
+        build_loader(
+            LoaderConfig(shards=str(tmp_path / "none.tar")), VIEWS, batch_size=4, rank=0, world_size=1, seed=0
+        )
+    with pytest.raises(ValueError, match=r"data.shards is empty"):
+        build_loader(LoaderConfig(), VIEWS, batch_size=4, rank=0, world_size=1, seed=0)
+    with pytest.raises(ValueError, match=r"backend 'dali' is not available"):
+        build_loader(
+            LoaderConfig(backend="dali", shards=str(shards)),
+            VIEWS,
+            batch_size=4,
+            rank=0,
+            world_size=1,
+            seed=0,
+        )
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(ShardSpecError, match=r"cannot read shard manifest .*bad/manifest.json"):
+        build_loader(LoaderConfig(shards=str(bad)), VIEWS, batch_size=4, rank=0, world_size=1, seed=0)
+    with pytest.raises(ShardSpecError, match="no shard files match"):
+        build_loader(
+            LoaderConfig(shards=str(tmp_path / "*.tar")), VIEWS, batch_size=4, rank=0, world_size=1, seed=0
+        )
+
+
+def test_glob_and_brace_specs_without_manifest(shards: Path) -> None:
+    expected = [f"s-{n}-{c}.tar" for n in ("08", "09", "10") for c in "ab"]
+    assert expand_braces("s-{08..10}-{a,b}.tar") == expected
+    by_dir = _take(LoaderConfig(shards=str(shards), num_workers=0, return_keys=True), 2)
+    brace = str(shards / "shard-{000000..000007}.tar")
+    by_brace = _take(LoaderConfig(shards=brace, num_workers=0, return_keys=True), 2)
+    by_glob = _take(LoaderConfig(shards=str(shards / "shard-*.tar"), num_workers=0, return_keys=True), 2)
+    assert all(_same(a, b) and _same(a, c) for a, b, c in zip(by_dir, by_brace, by_glob, strict=True))
+
+
+def test_missing_index_files_are_rebuilt_by_scanning(shards: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"  # tars only: no manifest, no .idx files
+    bare.mkdir()
+    for tar in shards.glob("*.tar"):
+        (bare / tar.name).write_bytes(tar.read_bytes())
+    with_idx = _take(LoaderConfig(shards=str(shards / "*.tar"), num_workers=0, return_keys=True), 3)
+    scanned = _take(LoaderConfig(shards=str(bare), num_workers=0, return_keys=True), 3)
+    assert all(_same(a, b) for a, b in zip(with_idx, scanned, strict=True))
+
+
+def test_manifest_without_shards_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"version": 1, "shards": [], "classes": None}))
+    with pytest.raises(ShardSpecError, match=r"manifest.json lists no shards"):
+        build_loader(LoaderConfig(shards=str(tmp_path)), VIEWS, batch_size=4, rank=0, world_size=1, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Corrupt samples
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((12, 12), value, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_shards(root: Path, shards: list[list[tuple[str, bytes]]], classes: list[str]) -> None:
+    """Write tars (members as given), their DALI indexes and a manifest."""
+    root.mkdir()
+    entries = []
+    for i, members in enumerate(shards):
+        tar = root / f"shard-{i:06d}.tar"
+        with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        samples = group_samples(scan_tar(tar))
+        write_dali_index(tar.with_suffix(".idx"), samples)
+        entries.append({"name": tar.name, "num_samples": len(samples)})
+    (root / "manifest.json").write_text(json.dumps({"version": 1, "shards": entries, "classes": classes}))
+
+
+def _good(key: str, label: int) -> list[tuple[str, bytes]]:
+    return [(f"{key}.png", _png(label * 20)), (f"{key}.cls", str(label).encode())]
+
+
+def _corrupt_set(root: Path, num_shards: int = 4, per_shard: int = 100) -> set[str]:
+    """Shards of good samples with planted corruption; returns the corrupt keys."""
+    shards = [
+        [m for j in range(per_shard) for m in _good(f"{i:02d}{j:04d}", (i + j) % 10)]
+        for i in range(num_shards)
+    ]
+    planted = {"010000", "010001", "010002", "010003"}
+    s1 = shards[1]
+    s1[0:2] = [("010000.png", b""), ("010000.cls", b"1")]  # 0-byte image
+    s1[2:4] = [("010001.png", b"<html>Not Found</html>"), ("010001.cls", b"2")]  # HTML bytes as image
+    s1[4:6] = [("010002.png", _png(3)), ("010002.txt", b"no label")]  # missing cls in a labelled set
+    s1[6:8] = [("010003.png", _png(4)), ("010003.cls", b"x7")]  # unparsable label
+    _write_shards(root, shards, [str(c) for c in range(10)])
+    # Truncate the last shard inside its last sample's image: the index (written before) still lists it.
+    last = root / f"shard-{num_shards - 1:06d}.tar"
+    idx = (root / last.with_suffix(".idx").name).read_text().splitlines()[-1].split()
+    last.write_bytes(last.read_bytes()[: int(idx[1]) + 10])
+    planted.add(f"{num_shards - 1:02d}{per_shard - 1:04d}")
+    return planted
+
+
+def test_corrupt_samples_counted_logged_once_and_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    planted = _corrupt_set(tmp_path / "c")
+    cfg = LoaderConfig(shards=str(tmp_path / "c"), num_workers=0, max_corrupt_fraction=0.2, return_keys=True)
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.wds"):
+        batches = _take(cfg, 20, batch_size=40)  # two epochs of 400
+    epoch1, epoch2 = batches[:10], batches[10:]
+    assert sum(b["num_corrupt"] for b in epoch1) == len(planted)
+    assert sum(b["num_corrupt"] for b in epoch2) == len(planted)
+    warnings = [r.getMessage() for r in caplog.records if "corrupt sample" in r.getMessage()]
+    assert len(warnings) == len(planted)  # logged once each, not once per epoch
+    assert {w.split()[2] for w in warnings} == planted
+    assert all("shard-0000" in w for w in warnings)
+    for b in batches:  # replaced by good samples of the same batch: full batches, real labels
+        assert b["images"][0].shape[0] == 40 and not {k.split("/")[1] for k in b["keys"]} & planted
+        assert (b["label"] >= 0).all()
+        if b["num_corrupt"]:
+            assert len(set(b["keys"])) == 40 - b["num_corrupt"]
+
+
+def test_too_many_corrupt_samples_stop_the_job(tmp_path: Path) -> None:
+    root = tmp_path / "bad"
+    shards = [[m for j in range(60) for m in _good(f"{i}{j:03d}", 1)] for i in range(2)]
+    for j in range(0, 60, 5):  # 12 of 60 samples of shard 1 are empty images: 10% of all
+        shards[1][2 * j] = (f"1{j:03d}.png", b"")
+    _write_shards(root, shards, ["a", "b"])
+    for workers in (0, 2):
+        cfg = LoaderConfig(shards=str(root), num_workers=workers, max_corrupt_fraction=0.01)
+        with pytest.raises(CorruptDataError, match=r"\d+ of \d+ samples .*corrupt.*shard-000001: \d+"):
+            _take(cfg, 40, batch_size=10, world_size=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Views
+
+
+def _implied_area_mean(scale: tuple[float, float], ratio: tuple[float, float], n: int = 200_000) -> float:
+    """Mean crop-area fraction of RandomResizedCrop's sampling on a square image, simulated in NumPy."""
+    rng = np.random.default_rng(0)
+    result = np.full(n, np.nan)
+    for _ in range(10):
+        todo = np.isnan(result)
+        area = rng.uniform(*scale, n)
+        aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), n))
+        fits = (area * aspect <= 1) & (area / aspect <= 1)
+        result[todo & fits] = area[todo & fits]
+    result[np.isnan(result)] = 1.0  # central fallback: the whole (square) image
+    return float(result.mean())
+
+
+def test_crop_area_distribution_and_flip_rate() -> None:
+    spec = ViewSpec(size=8, scale=(0.2, 1.0))
+    side = 200
+    areas = []
+    for i in range(4000):
+        gen = torch.Generator().manual_seed(i)
+        top, left, h, w = sample_crop_box(side, side, spec.scale, spec.ratio, gen)
+        assert top >= 0 and top + h <= side and left >= 0 and left + w <= side
+        assert spec.ratio[0] - 0.02 <= w / h <= spec.ratio[1] + 0.02
+        areas.append(h * w / side**2)
+    areas_np = np.array(areas)
+    assert areas_np.min() >= 0.2 - 0.01 and areas_np.max() <= 1.0
+    assert abs(areas_np.mean() - _implied_area_mean(spec.scale, spec.ratio)) < 0.015
+    assert abs(np.median(areas_np) - 0.55) < 0.06  # roughly uniform on [0.2, 1], a little lighter at the top
+
+    ramp = np.tile(np.arange(16, dtype=np.uint8) * 16, (16, 1))  # left dark, right bright
+    full = ViewSpec(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_p=0.5)
+    flips = 0
+    for i in range(1000):
+        out = apply_view(ramp, full, torch.Generator().manual_seed(i))
+        flips += int(out[0, 0, 0] > out[0, 0, -1])
+    assert abs(flips / 1000 - 0.5) < 0.06
+    never = ViewSpec(size=16, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip_p=0.0)
+    assert all(apply_view(ramp, never, torch.Generator().manual_seed(i))[0, 0, 0] < 0 for i in range(20))
+
+
+def test_view_spec_validation_and_purity() -> None:
+    spec = ViewSpec(size=24, scale=[0.3, 0.9], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])  # YAML lists
+    assert spec.scale == (0.3, 0.9) and hash(spec)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    a = apply_view(image, spec, torch.Generator().manual_seed(7))
+    b = apply_view(image, spec, torch.Generator().manual_seed(7))
+    assert a.shape == (3, 24, 24) and torch.equal(a, b)
+    torch.manual_seed(123)  # global RNG state has no effect
+    assert torch.equal(apply_view(image, spec, torch.Generator().manual_seed(7)), a)
+    for bad in ({"interpolation": "cubic"}, {"scale": (0.9, 0.1)}, {"hflip_p": 2.0}, {"size": 0}):
+        with pytest.raises(ValueError, match="ViewSpec"):
+            ViewSpec(**{"size": 8, **bad})
+
+
+def test_permutation_is_a_permutation() -> None:
+    for n in (0, 1, 2, 17, 1000):
+        assert sorted(permutation(n, 42)) == list(range(n))
+    assert permutation(1000, 1) != permutation(1000, 2)
+    assert permutation(50, 5) == permutation(50, 5)
