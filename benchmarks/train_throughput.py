@@ -1,0 +1,121 @@
+"""Training throughput: images/s, step time, MFU and peak memory of the real training loop.
+
+Runs ``pretrain.train`` itself (the same loop, engine and loader users run) in subprocesses with a
+log interval as the measuring window; the first interval (warm-up, compilation, worker start) is
+discarded and the median of the others is reported. With ``--compare-synthetic`` each run is
+repeated with ``data.backend=synthetic``, alternating A/B in one invocation, and the ratio of
+step times (real loader / synthetic data) tells whether the loader keeps up (target <= 1.05).
+
+Examples::
+
+    python benchmarks/train_throughput.py --config configs/mae/tiny_fmnist.yaml --compare-synthetic
+    python benchmarks/train_throughput.py --config configs/mae/vit_l16_in1k.yaml --nproc 1 \\
+        train.global_batch_size=256 data.backend=synthetic          # one GPU, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_once(args: argparse.Namespace, extra: list[str], workdir: Path, tag: str) -> list[dict]:
+    steps = args.interval * (args.windows + 1)
+    overrides = [
+        f"run.root={workdir}",
+        f"run.name={tag}",
+        f"train.steps={steps}",
+        f"train.log_every={args.interval}",
+        f"train.ckpt_every={steps}",
+        "optim.warmup_steps=0",
+        *args.overrides,
+        *extra,
+    ]
+    if args.nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
+    else:
+        launcher = [sys.executable]
+    cmd = [*launcher, "-m", "pretrain.train", "--config", args.config, *overrides]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    records = [json.loads(x) for x in (workdir / tag / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "perf/step_time_s" in r][1:]  # drop the warm-up window
+
+
+def summarize(windows: list[dict]) -> dict[str, float]:
+    def med(key: str) -> float | None:
+        vals = [w[key] for w in windows if key in w]
+        return statistics.median(vals) if vals else None
+
+    return {
+        "images_per_s": med("perf/images_per_s"),
+        "step_time_s": med("perf/step_time_s"),
+        "mfu": med("perf/mfu"),
+        "data_wait_frac": med("perf/data_wait_frac"),
+        "memory_gib": med("perf/memory_gib"),
+        "tflops_per_s": (med("perf/flops_per_s") or 0) / 1e12,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="recipe YAML (method x model)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks (torchrun) on this machine")
+    p.add_argument("--interval", type=int, default=10, help="steps per measuring window")
+    p.add_argument("--windows", type=int, default=3, help="measured windows per run (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per variant, alternated A/B")
+    p.add_argument("--compare-synthetic", action="store_true", help="also run data.backend=synthetic")
+    p.add_argument("--json", help="write the results here too")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args()
+
+    variants = {"real": []}
+    if args.compare_synthetic:
+        variants["synthetic"] = ["data.backend=synthetic"]
+    results: dict[str, list[dict]] = {k: [] for k in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for name, extra in variants.items():
+                t0 = time.time()
+                results[name] += run_once(args, extra, Path(tmp), f"{name}{r}")
+                print(f"  {name} run {r + 1}/{args.repeats}: {time.time() - t0:.0f}s", file=sys.stderr)
+    summary = {k: summarize(v) for k, v in results.items()}
+    if args.compare_synthetic:
+        summary["ratio_real_over_synthetic_step_time"] = (
+            summary["real"]["step_time_s"] / summary["synthetic"]["step_time_s"]
+        )
+    summary["machine"] = {
+        "host_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "config": args.config,
+        "nproc": args.nproc,
+        "overrides": args.overrides,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            summary["machine"]["gpu"] = torch.cuda.get_device_name(0)
+        summary["machine"]["torch"] = torch.__version__
+    except ImportError:
+        pass
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

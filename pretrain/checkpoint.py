@@ -1,0 +1,273 @@
+"""Sharded checkpoints (torch.distributed.checkpoint) with a COMPLETE marker, and backbone exports.
+
+Layout under ``runs/<name>/``::
+
+    checkpoints/step_00001000/   DCP shards (*.distcp, .metadata), trainer_state.json, COMPLETE (last)
+    checkpoints/latest -> step_00001000   moved only after COMPLETE is durable
+    exports/step_00001000/       backbone.safetensors, backbone.json, COMPLETE
+
+A checkpoint directory without ``COMPLETE`` does not exist for resume or evals. Loading a
+checkpoint with a different number of ranks works: DCP reshards on load.
+
+Nothing is ever unpickled without restriction: DCP's ``.metadata`` file is read with an unpickler
+that only admits DCP's own metadata classes and torch sizes/dtypes, byte entries are read with
+``torch.load(weights_only=True)``, trainer state is JSON, exports are safetensors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException  # stable since torch 2.2
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
+
+from pretrain.distributed import DistEnv, barrier
+from pretrain.engines.base import Engine
+
+log = logging.getLogger(__name__)
+# DCP warns on every single-process save/load; single-process is a supported mode here, not a mistake.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+COMPLETE = "COMPLETE"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with the path and the reason."""
+
+
+# ---- safe loading ------------------------------------------------------------------------------
+# Globals a DCP .metadata pickle legitimately references (checked against torch 2.11-2.14 output).
+_ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("torch", "strided"),
+    ("torch", "sparse_coo"),
+    ("torch", "contiguous_format"),
+    ("torch", "channels_last"),
+    ("torch", "preserve_format"),
+    ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "getattr"),
+    ("enum", "Enum"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, f: io.BufferedIOBase, source: str) -> None:
+        super().__init__(f)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith(_ALLOWED_MODULE_PREFIXES) and not name.startswith("__"):
+            return super().find_class(module, name)
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(
+            f"{self.source}: refusing to unpickle '{module}.{name}': a checkpoint's metadata may only "
+            "reference torch.distributed.checkpoint metadata classes, torch sizes and dtypes. "
+            "This file was not written by this project (or was tampered with); it was not loaded."
+        )
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """``FileSystemReader`` whose metadata is read with a restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _RestrictedUnpickler(f, str(path)).load()
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path}: unreadable checkpoint metadata: {e}") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not DCP metadata (got {type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """Non-tensor entries (optimizer hyper-parameters) are loaded with ``weights_only=True``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"refusing to load entry '{read_item.dest_index.fqn}': not plain data ({e})"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+# ---- file helpers ------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` durably: temp file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _atomic_symlink(target: str, link: Path) -> None:
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    tmp.replace(link)
+    _fsync_dir(link.parent)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_steps(parent: Path) -> list[int]:
+    """Steps of the directories under ``parent`` that carry a COMPLETE marker, ascending."""
+    if not parent.is_dir():
+        return []
+    steps = []
+    for child in parent.iterdir():
+        m = STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / COMPLETE).is_file():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+# ---- the manager -------------------------------------------------------------------------------
+class CheckpointManager:
+    """Save, find, load and prune checkpoints of one run; export backbones for evals.
+
+    Every method is called on all ranks (saves and loads are collectives); only rank 0 touches
+    markers, pointers and deletions.
+    """
+
+    def __init__(self, run_dir: Path, env: DistEnv, keep_last: int = 2) -> None:
+        if keep_last < 2:
+            raise ValueError(f"keep_last={keep_last} must be >= 2")
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.export_dir = self.run_dir / "exports"
+        self.env, self.keep_last = env, keep_last
+
+    def latest(self) -> Path | None:
+        """The newest COMPLETE checkpoint (scanned, so a stale ``latest`` pointer cannot mislead)."""
+        steps = complete_steps(self.ckpt_dir)
+        return self.ckpt_dir / step_dir_name(steps[-1]) if steps else None
+
+    def save(self, step: int, engine: Engine, trainer_state: dict[str, Any]) -> Path:
+        """Save model, optimizer and trainer state at ``step`` (collective); return the directory."""
+        final = self.ckpt_dir / step_dir_name(step)
+        if (final / COMPLETE).is_file():
+            return final
+        t0 = time.perf_counter()
+        if self.env.is_main:
+            if final.exists():  # a partial save from a killed attempt
+                shutil.rmtree(final)
+            final.mkdir(parents=True)
+        barrier(self.env)
+        dcp.save(engine.state_dict(), checkpoint_id=final, no_dist=not self.env.distributed)
+        barrier(self.env)
+        if self.env.is_main:
+            state = dict(trainer_state, step=step, world_size=self.env.world_size)
+            atomic_write_text(final / "trainer_state.json", json.dumps(state, indent=2))
+            marker = {"step": step, "time": time.time(), "world_size": self.env.world_size}
+            atomic_write_text(final / COMPLETE, json.dumps(marker))
+            _atomic_symlink(final.name, self.ckpt_dir / "latest")
+            self._prune(self.ckpt_dir, self.keep_last)
+        barrier(self.env)
+        log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
+        return final
+
+    def load(self, path: Path, engine: Engine) -> dict[str, Any]:
+        """Load ``path`` into ``engine`` (any world size); return the trainer state saved with it."""
+        path = Path(path)
+        if not (path / COMPLETE).is_file():
+            raise CheckpointError(f"{path}: no {COMPLETE} marker: an interrupted save, not a checkpoint")
+        state = engine.state_dict()
+        try:
+            dcp.load(
+                state,
+                storage_reader=SafeFileSystemReader(path),
+                planner=SafeLoadPlanner(),
+                no_dist=not self.env.distributed,
+            )
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            raise CheckpointError(f"{path}: cannot be loaded into this model: {e}") from None
+        engine.load_state_dict(state)
+        try:
+            return json.loads((path / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}/trainer_state.json: unreadable ({e})") from None
+
+    def export(self, step: int, engine: Engine, extra_meta: dict[str, Any]) -> Path | None:
+        """Write the eval backbone (timm names) as safetensors + JSON (collective; rank 0 writes)."""
+        full = engine.full_model_state_dict()
+        out = self.export_dir / step_dir_name(step)
+        if self.env.is_main:
+            backbone, meta = engine.method.export_backbone(full)
+            meta = {**meta, **extra_meta, "step": step, "format": "safetensors", "tensors": len(backbone)}
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in backbone.items()}
+            save_file(tensors, str(out / "backbone.safetensors"), metadata={"format": "pt"})
+            atomic_write_text(out / "backbone.json", json.dumps(meta, indent=2))
+            atomic_write_text(out / COMPLETE, json.dumps({"step": step, "time": time.time()}))
+            _atomic_symlink(out.name, self.export_dir / "latest")
+        barrier(self.env)
+        return out if self.env.is_main else None
+
+    def _prune(self, parent: Path, keep: int) -> None:
+        steps = complete_steps(parent)
+        if not steps:
+            return
+        newest = steps[-1]
+        for s in steps[:-keep]:
+            shutil.rmtree(parent / step_dir_name(s), ignore_errors=True)
+        for child in parent.iterdir():  # partial saves older than the newest complete one
+            m = STEP_DIR.match(child.name)
+            if m and int(m.group(1)) < newest and not (child / COMPLETE).is_file():
+                shutil.rmtree(child, ignore_errors=True)

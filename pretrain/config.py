@@ -1,0 +1,357 @@
+"""Typed configuration: dataclass schema under OmegaConf.
+
+Layers, lowest to highest precedence: the dataclass defaults below, the recipe YAML
+(``configs/<method>/<recipe>.yaml``), then ``key=value`` overrides from the command line.
+The ``method`` section is typed by the dataclass the method registered itself with, so every
+key of every section is checked. Unknown keys are rejected naming the nearest valid key,
+cross-field rules are checked in :func:`validate`, and the resolved config is written to the
+run directory (``runs/<name>/config.yaml``) and compared on resume.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from data_pipelines.loader import LoaderConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the file/key/value and what is valid."""
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run name: the run directory is <root>/<name>, stable across restarts
+    root: str = "runs"
+    seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-reproducible CPU runs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16"  # a name from pretrain.models.list_vits()
+    img_size: int = 224
+    patch_size: int | None = None  # None: the registry's value for `name`
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    pos_embed: str = "learned"  # learned | sincos
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch_size / 256 (Goyal et al., 2017)
+    lr: float | None = None  # absolute peak lr; overrides base_lr scaling when set
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine schedule of weight decay to this value (None: constant)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: float | None = None  # max global grad norm; None: no clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in the whole run
+    global_batch_size: int = 256  # samples per optimizer step over all ranks and micro-batches
+    accum_steps: int = 1  # gradient accumulation micro-batches per step
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    log_every: int = 50  # steps between log lines / TensorBoard points / non-finite checks
+    ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
+    keep_last: int = 2  # complete checkpoints kept (>= 2)
+    export_every: int = 0  # steps between backbone exports; 0: only at the end
+    compile: bool = False  # torch.compile each transformer block
+
+
+@dataclass
+class EngineConfig:
+    name: str = "auto"  # auto (fsdp2 if several ranks else single) | fsdp2 | single
+    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3-like)
+    timeout_s: int = 600  # collective timeout: a dead rank ends the job after this long
+
+
+@dataclass
+class ResumeConfig:
+    allow_config_change: bool = False  # resume even if the run's saved config differs
+
+
+@dataclass
+class MetricsConfig:
+    peak_tflops: float | None = None  # device peak for MFU; None: known GPUs only
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None  # typed at load time by the method's own config dataclass
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+# Keys that may differ between a run's saved config and a resume without changing the maths.
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "train.steps",
+        "train.log_every",
+        "train.ckpt_every",
+        "train.keep_last",
+        "train.export_every",
+        "data.prefetch_factor",
+        "data.shards",
+        "engine.timeout_s",
+        "engine.reshard_after_forward",
+        "resume.allow_config_change",
+        "metrics.peak_tflops",
+    }
+)
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    if isinstance(node, DictConfig):
+        for k in node:
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                keys.extend(_all_keys(child, full + "."))
+    return keys
+
+
+def _nearest_key_error(schema: DictConfig, bad_key: str, where: str) -> ConfigError:
+    valid = _all_keys(schema)
+    prefix = bad_key.rsplit(".", 1)[0] + "." if "." in bad_key else ""
+    siblings = [k for k in valid if k.startswith(prefix) and "." not in k[len(prefix) :]]
+    close = difflib.get_close_matches(bad_key, siblings or valid, n=1, cutoff=0.4)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    listing = ", ".join(sorted(siblings)) if siblings else ""
+    return ConfigError(
+        f"{where}: unknown key '{bad_key}'{hint}" + (f" Valid keys here: {listing}" if listing else "")
+    )
+
+
+def _schema_for(method_name: str | None) -> DictConfig:
+    from pretrain.methods import method_config_class  # late: methods import models
+
+    schema = OmegaConf.structured(Config)
+    if method_name is not None:
+        method_schema = OmegaConf.structured(method_config_class(method_name))
+        OmegaConf.set_struct(schema, False)
+        schema.method = method_schema
+        OmegaConf.set_struct(schema, True)
+    return schema
+
+
+def _merge_layer(schema: DictConfig, layer: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, layer)  # type: ignore[return-value]
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise _nearest_key_error(schema, str(key), where) from None
+    except ValidationError as e:
+        raise ConfigError(f"{where}: invalid value for '{e.full_key}': {e.msg}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command-line overrides: {e}") from None
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), world_size: int = 1
+) -> DictConfig:
+    """Build the resolved, validated config: schema defaults < YAML recipe < ``key=value`` overrides.
+
+    Args:
+        path: recipe YAML (None: defaults + overrides only).
+        overrides: ``section.key=value`` strings.
+        world_size: number of ranks the job will run on (for batch divisibility checks).
+
+    Returns:
+        A read-only ``DictConfig`` typed by :class:`Config` and the method's config class.
+
+    Raises:
+        ConfigError: naming the file/key/value and what would be valid.
+    """
+    yaml_layer = _read_yaml(Path(path)) if path is not None else OmegaConf.create({})
+    cli_layer = _parse_overrides(list(overrides))
+    method_name = OmegaConf.select(cli_layer, "method.name", default=None) or OmegaConf.select(
+        yaml_layer, "method.name", default=None
+    )
+    if method_name is None:
+        raise ConfigError(f"{path or 'config'}: 'method.name' is required (e.g. method.name=mae)")
+    try:
+        schema = _schema_for(str(method_name))
+    except KeyError as e:
+        raise ConfigError(f"{path or 'config'}: {e.args[0]}") from None
+    cfg = _merge_layer(schema, yaml_layer, str(path) if path else "config")
+    cfg = _merge_layer(cfg, cli_layer, "command-line overrides")
+    validate(cfg, world_size=world_size)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Cross-field rules; raise :class:`ConfigError` with the offending keys and values."""
+    errors: list[str] = []
+    run, train, model, optim, engine = cfg.run, cfg.train, cfg.model, cfg.optim, cfg.engine
+    if not run.name or not _RUN_NAME.match(run.name):
+        errors.append(
+            f"run.name={run.name!r}: give the run a name of letters, digits, '.', '_' or '-' "
+            "(it names the run directory, stable across restarts)"
+        )
+    micro_total = world_size * train.accum_steps
+    if train.global_batch_size <= 0 or train.global_batch_size % micro_total:
+        errors.append(
+            f"train.global_batch_size={train.global_batch_size} must be a positive multiple of "
+            f"world_size ({world_size}) x train.accum_steps ({train.accum_steps}) = {micro_total}"
+        )
+    if train.steps <= 0:
+        errors.append(f"train.steps={train.steps} must be > 0")
+    if optim.warmup_steps < 0:
+        errors.append(f"optim.warmup_steps={optim.warmup_steps} must be >= 0")
+    if train.keep_last < 2:
+        errors.append(f"train.keep_last={train.keep_last} must be >= 2 (a kill mid-save must leave one)")
+    for key in ("log_every", "ckpt_every"):
+        if train[key] <= 0:
+            errors.append(f"train.{key}={train[key]} must be > 0")
+    if train.export_every < 0:
+        errors.append(f"train.export_every={train.export_every} must be >= 0 (0: only at the end)")
+    if train.precision not in ("auto", "bf16", "fp32"):
+        errors.append(f"train.precision={train.precision!r}: valid values are auto, bf16, fp32")
+    if engine.name not in ("auto", "fsdp2", "single"):
+        errors.append(f"engine.name={engine.name!r}: valid values are auto, fsdp2, single")
+    if engine.name == "single" and world_size > 1:
+        errors.append(f"engine.name=single cannot run on {world_size} ranks; use fsdp2 or auto")
+    if model.pos_embed not in ("learned", "sincos"):
+        errors.append(f"model.pos_embed={model.pos_embed!r}: valid values are learned, sincos")
+    if model.patch_size is not None and model.img_size % model.patch_size:
+        errors.append(
+            f"model.img_size={model.img_size} must be divisible by model.patch_size={model.patch_size}"
+        )
+    if not 0.0 <= model.drop_path_rate < 1.0:
+        errors.append(f"model.drop_path_rate={model.drop_path_rate} must be in [0, 1)")
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        errors.append(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
+    if optim.clip_grad is not None and optim.clip_grad <= 0:
+        errors.append(f"optim.clip_grad={optim.clip_grad} must be > 0 or null")
+    if train.accum_steps <= 0:
+        errors.append(f"train.accum_steps={train.accum_steps} must be > 0")
+    from pretrain.methods import method_config_class
+
+    check = getattr(method_config_class(cfg.method.name), "validate", None)
+    if check is not None:
+        errors.extend(check(cfg))
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def micro_batch_size(cfg: DictConfig, world_size: int) -> int:
+    """Samples per rank per micro-batch."""
+    return cfg.train.global_batch_size // (world_size * cfg.train.accum_steps)
+
+
+def peak_lr(cfg: DictConfig) -> float:
+    """Absolute peak learning rate: ``optim.lr`` or ``base_lr * global_batch / 256``."""
+    if cfg.optim.lr is not None:
+        return float(cfg.optim.lr)
+    return float(cfg.optim.base_lr) * cfg.train.global_batch_size / 256
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(node, dict | DictConfig):
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(node, list | ListConfig):
+        out[prefix[:-1]] = list(node)
+    else:
+        out[prefix[:-1]] = node
+    return out
+
+
+def diff_configs(saved: DictConfig | dict, current: DictConfig | dict) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ: ``{key: (saved, current)}``."""
+    a = _flatten(OmegaConf.to_container(saved, resolve=True) if isinstance(saved, DictConfig) else saved)
+    b = _flatten(
+        OmegaConf.to_container(current, resolve=True) if isinstance(current, DictConfig) else current
+    )
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def write_or_check_run_config(cfg: DictConfig, run_dir: Path, resuming_step: int | None) -> None:
+    """Write ``config.yaml`` once; on resume refuse a conflicting config unless allowed.
+
+    Keys in :data:`RESUME_SAFE_KEYS` may change freely. When a change is allowed, the previous
+    config is kept beside it as ``config.before_step_<N>.yaml`` so nothing written is lost.
+    """
+    path = run_dir / "config.yaml"
+    text = to_yaml(cfg)
+    if not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, text)
+        return
+    saved = OmegaConf.load(path)
+    changed = diff_configs(saved, cfg)
+    if not changed:
+        return
+    conflicts = {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
+    if conflicts and not cfg.resume.allow_config_change:
+        lines = "\n".join(f"  {k}: saved {a!r} -> now {b!r}" for k, (a, b) in conflicts.items())
+        raise ConfigError(
+            f"{path}: this run was started with a different config; resuming with these changes "
+            f"would not continue the same run:\n{lines}\n"
+            "Use the saved values, pick a new run.name, or pass resume.allow_config_change=true."
+        )
+    step = resuming_step if resuming_step is not None else 0
+    backup = run_dir / f"config.before_step_{step:08d}.yaml"
+    if not backup.exists():
+        _atomic_write(backup, path.read_text())
+    _atomic_write(path, text)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,114 @@
+"""Distributed environment: read it (torchrun or submitit), build the process groups, agree on flags.
+
+The environment comes from the usual variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``), which torchrun sets and which the SLURM launcher exports from
+submitit's ``TorchDistributedEnvironment`` before calling the trainer. With none of them the job
+is a single process and no process group is created.
+
+Besides the main group (NCCL on GPUs, gloo on CPU) a small gloo group carries the control plane:
+agreeing on "stop now" (preemption) at a step boundary costs a CPU all-reduce, never a GPU sync.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    control_group: dist.ProcessGroup | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def world_size_from_env() -> int:
+    """World size the job will have, read before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(timeout_s: int = 600) -> DistEnv:
+    """Initialise the default process group from the environment (idempotent).
+
+    Args:
+        timeout_s: collective timeout; a dead or stalled rank ends the job after this long instead of
+            the default 30 minutes.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        return env
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    env.control_group = (
+        dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        if dist.get_backend() != "gloo"
+        else dist.group.WORLD
+    )
+    return env
+
+
+def agree_any(env: DistEnv, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (CPU all-reduce on the control group)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control_group)
+    return bool(t.item())
+
+
+def all_reduce_mean(tensors: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor]:
+    """Average scalar device tensors over ranks in one collective (used on log steps only)."""
+    if not tensors:
+        return []
+    stacked = torch.stack([t.detach().float().reshape(()) for t in tensors])
+    if env.distributed:
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= env.world_size
+    return list(stacked.unbind())
+
+
+def all_reduce_max(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier(group=env.control_group)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

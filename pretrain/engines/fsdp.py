@@ -1,0 +1,32 @@
+"""FSDP2 engine: ``fully_shard`` each transformer block, then the root (torch.distributed.fsdp).
+
+Parameters are sharded over all ranks as DTensors; with bf16 the mixed-precision policy gathers
+and computes in bf16 while keeping fp32 master weights, optimizer state and gradient reduction
+(``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from pretrain.engines.base import Engine
+from pretrain.methods.base import Method
+
+
+class FSDP2Engine(Engine):
+    def wrap(self, method: Method) -> nn.Module:
+        method.to(self.device)
+        mesh = init_device_mesh(self.device.type, (self.env.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        reshard = bool(self.cfg.engine.reshard_after_forward)
+        for unit in method.shard_units():
+            fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        # The root's parameters are gathered for the whole step anyway: keep them after forward.
+        fully_shard(method, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        return method
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        self.model.set_requires_gradient_sync(enabled)  # type: ignore[operator]

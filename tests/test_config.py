@@ -1,0 +1,111 @@
+"""Config: precedence, unknown keys, validation, round trip, resume conflicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from pretrain.config import ConfigError, diff_configs, load_config, to_yaml, write_or_check_run_config
+from tests.conftest import ROOT, TINY_MAE
+
+PAPER_MAE = ROOT / "configs" / "mae" / "vit_l16_in1k.yaml"
+
+
+def test_precedence_defaults_yaml_cli():
+    cfg = load_config(TINY_MAE, ["train.steps=7", "method.mask_ratio=0.5"])
+    assert cfg.train.steps == 7  # CLI beats YAML (300)
+    assert cfg.method.mask_ratio == 0.5
+    assert cfg.train.global_batch_size == 128  # YAML beats the default (256)
+    assert cfg.optim.eps == 1e-8  # default, not in the YAML
+    assert cfg.method.decoder_mlp_ratio == 4.0  # method dataclass default
+
+
+def test_paper_recipe_values():
+    cfg = load_config(PAPER_MAE, world_size=64)
+    assert cfg.model.name == "vit_large_patch16" and cfg.method.mask_ratio == 0.75
+    assert (cfg.method.decoder_depth, cfg.method.decoder_embed_dim) == (8, 512)
+    assert cfg.train.global_batch_size == 4096 and list(cfg.optim.betas) == [0.9, 0.95]
+    assert cfg.optim.base_lr == 1.5e-4 and cfg.optim.weight_decay == 0.05
+    assert cfg.train.steps == 800 * 312 and cfg.optim.warmup_steps == 40 * 312
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.stpes=5", "did you mean 'train.steps'"),
+        ("optim.weight_decy=0.1", "did you mean 'optim.weight_decay'"),
+        ("method.mask_ration=0.5", "did you mean 'method.mask_ratio'"),
+        ("trian.steps=5", "did you mean 'train'"),
+    ],
+)
+def test_unknown_key_names_nearest(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(TINY_MAE, [override])
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_MAE.read_text().replace("keep_last: 2", "keep_lats: 2"))
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(bad) in str(e.value) and "train.keep_last" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "expected"),
+    [
+        (["train.global_batch_size=100"], 3, "multiple of world_size \\(3\\) x train.accum_steps"),
+        (["train.keep_last=1"], 1, "keep_last=1 must be >= 2"),
+        (["optim.warmup_steps=-1"], 1, "warmup_steps=-1"),
+        (["train.precision=fp16"], 1, "valid values are auto, bf16, fp32"),
+        (["method.mask_ratio=1.5"], 1, "mask_ratio=1.5 must be in"),
+        (["model.patch_size=5"], 1, "divisible by model.patch_size=5"),
+        (["run.name=has space"], 1, "run.name"),
+        (["train.steps=abc"], 1, "train.steps"),
+    ],
+)
+def test_validation_errors(overrides, world, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(TINY_MAE, overrides, world_size=world)
+
+
+def test_unknown_method_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'mae'"):
+        load_config(TINY_MAE, ["method.name=maee"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(TINY_MAE, ["train.steps"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/nope.yaml")
+
+
+def test_resolved_round_trip(tmp_path: Path):
+    cfg = load_config(TINY_MAE, ["train.steps=11"])
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(to_yaml(cfg))
+    again = load_config(dumped)
+    assert diff_configs(cfg, again) == {}
+    assert OmegaConf.to_container(cfg) == OmegaConf.to_container(again)
+
+
+def test_resume_conflict_refused_then_allowed(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    cfg = load_config(TINY_MAE)
+    write_or_check_run_config(cfg, run_dir, None)
+    # safe change: more steps, different logging
+    write_or_check_run_config(load_config(TINY_MAE, ["train.steps=900", "train.log_every=5"]), run_dir, 100)
+    changed = load_config(TINY_MAE, ["optim.base_lr=0.1"])
+    with pytest.raises(ConfigError, match=r"optim.base_lr: saved 0.0015 -> now 0.1"):
+        write_or_check_run_config(changed, run_dir, 100)
+    allowed = load_config(TINY_MAE, ["optim.base_lr=0.1", "resume.allow_config_change=true"])
+    write_or_check_run_config(allowed, run_dir, 100)
+    assert OmegaConf.load(run_dir / "config.yaml").optim.base_lr == 0.1
+    backup = run_dir / "config.before_step_00000100.yaml"
+    assert OmegaConf.load(backup).optim.base_lr == 0.0015  # nothing written is lost

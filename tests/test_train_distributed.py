@@ -1,0 +1,227 @@
+"""End-to-end training runs as real processes: FSDP2 (2 ranks, gloo) against one process, kill -9 and
+resume bit for bit, kill during checkpoint saves, resharding 2 ranks -> 1, a malicious checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, TINY_MAE, _free_port, python_env, run_cmd, train_cmd
+
+pytestmark = pytest.mark.multiproc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per-step losses from metrics.jsonl; a step logged twice (replayed after a restart) keeps the last."""
+    out: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def export_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "exports" / f"step_{step:08d}" / "backbone.safetensors"))
+
+
+def common(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return [f"run.root={tmp_path}", f"run.name={name}", "train.log_every=1", *extra]
+
+
+def test_fsdp2_two_ranks_equals_one_process(tmp_path: Path):
+    args = [
+        "data.backend=synthetic",
+        "train.steps=4",
+        "train.global_batch_size=16",
+        "optim.warmup_steps=1",
+        "train.ckpt_every=100",
+        "engine.reshard_after_forward=true",
+    ]
+    run_cmd(train_cmd(1, *common(tmp_path, "single", *args, "engine.name=single")))
+    run_cmd(train_cmd(2, *common(tmp_path, "fsdp", *args, "engine.name=fsdp2")))
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    wa, wb = export_weights(tmp_path / "single", 4), export_weights(tmp_path / "fsdp", 4)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=python_env(),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir) or {0: 0}) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def test_kill9_and_resume_is_bitwise_identical(tmp_path: Path, fmnist_shards: Path):
+    args = [
+        f"data.shards={fmnist_shards}",
+        "train.steps=24",
+        "train.global_batch_size=32",
+        "train.ckpt_every=5",
+        "run.deterministic=true",
+        "data.num_workers=2",
+    ]
+    run_cmd(train_cmd(2, *common(tmp_path, "straight", *args)), timeout=600)
+
+    cmd = train_cmd(2, *common(tmp_path, "killed", *args))
+    proc = _start(cmd, tmp_path / "killed.log")
+    _wait_for_step(tmp_path / "killed", proc, 13)
+    _kill_group(proc)  # SIGKILL every rank and the launcher
+    assert (tmp_path / "killed" / "checkpoints" / "step_00000010" / "COMPLETE").exists()
+    run_cmd(cmd, timeout=600)  # the same command again resumes
+
+    ref, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert sorted(ref) == sorted(got) == list(range(1, 25))
+    assert all(ref[s] == got[s] for s in ref), {s: (ref[s], got[s]) for s in ref if ref[s] != got[s]}
+    wa, wb = export_weights(tmp_path / "straight", 24), export_weights(tmp_path / "killed", 24)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _saving(ckpts: Path) -> bool:
+    return any(not (d / "COMPLETE").exists() for d in ckpts.glob("step_*"))
+
+
+def _newest_complete(ckpts: Path) -> int:
+    return max((int(d.name[5:]) for d in ckpts.glob("step_*") if (d / "COMPLETE").exists()), default=0)
+
+
+def test_kill_during_save_resumes_from_previous_complete(tmp_path: Path):
+    # Checkpoint every step; watch for a save in progress (a step directory without COMPLETE) and
+    # SIGKILL the job right then. Three such kills, then the same command runs to the end.
+    args = [
+        "data.backend=synthetic",
+        "train.steps=12",
+        "train.global_batch_size=8",
+        "train.ckpt_every=1",
+        "run.deterministic=true",
+        "train.keep_last=2",
+    ]
+    run_cmd(train_cmd(1, *common(tmp_path, "straight", *args)))
+    cmd = train_cmd(1, *common(tmp_path, "killed", *args))
+    run_dir, ckpts = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    kills_in_save = 0
+    for attempt in range(10):
+        before = _newest_complete(ckpts)
+        proc = _start(cmd, tmp_path / f"attempt{attempt}.log")
+        deadline = time.time() + 120
+        # let at least one more save complete, then kill inside the next one
+        while proc.poll() is None and time.time() < deadline:
+            if _newest_complete(ckpts) > before and _saving(ckpts):
+                break
+            time.sleep(0.001)
+        if proc.poll() is not None:
+            break
+        _kill_group(proc)
+        kills_in_save += _saving(ckpts)
+        if kills_in_save >= 3:
+            break
+    assert kills_in_save >= 3, f"only {kills_in_save} kills landed inside a save"
+    assert 3 <= _newest_complete(ckpts) < 12
+    run_cmd(cmd)
+    ref, got = losses(tmp_path / "straight"), losses(run_dir)
+    assert sorted(got) == list(range(1, 13))
+    assert all(ref[s] == got[s] for s in ref)
+    wa, wb = export_weights(tmp_path / "straight", 12), export_weights(run_dir, 12)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    complete = sorted(d.name for d in ckpts.glob("step_*") if (d / "COMPLETE").exists())
+    assert complete == ["step_00000011", "step_00000012"]  # keep_last=2
+    assert not _saving(ckpts)  # the partial saves were replaced or pruned
+
+
+def test_save_two_ranks_resume_one_rank_equal_state(tmp_path: Path):
+    args = ["data.backend=synthetic", "train.steps=3", "train.global_batch_size=8", "train.ckpt_every=3"]
+    run_cmd(train_cmd(2, *common(tmp_path, "r", *args)))
+    ckpt = tmp_path / "r" / "checkpoints" / "step_00000003"
+    script = str(ROOT / "tests" / "helpers" / "dump_loaded_state.py")
+    over = common(tmp_path, "r", *args)
+    port = ["--master_port", str(_free_port())]
+    run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            *port,
+            script,
+            str(TINY_MAE),
+            str(ckpt),
+            str(tmp_path / "two.pt"),
+            *over,
+        ]
+    )
+    run_cmd(
+        [
+            sys.executable,
+            script,
+            str(TINY_MAE),
+            str(ckpt),
+            str(tmp_path / "one.pt"),
+            *over,
+            "engine.name=single",
+        ]
+    )
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    assert two["model"].keys() == one["model"].keys() and len(one["model"]) > 10
+    for k in one["model"]:
+        assert torch.equal(one["model"][k], two["model"][k]), k
+    assert one["optim"]["state"].keys() == two["optim"]["state"].keys() and one["optim"]["state"]
+    for k, st in one["optim"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(st[name], two["optim"]["state"][k][name]), (k, name)
+            assert name != "exp_avg" or st[name].abs().sum() > 0  # really trained state, not zeros
+    assert one["optim"]["param_groups"] == two["optim"]["param_groups"]
+
+
+def test_malicious_checkpoint_is_refused(tmp_path: Path):
+    args = ["data.backend=synthetic", "train.steps=2", "train.global_batch_size=8", "train.ckpt_every=2"]
+    run_cmd(train_cmd(1, *common(tmp_path, "m", *args)))
+    ckpt = tmp_path / "m" / "checkpoints" / "step_00000002"
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Evil()))
+    proc = run_cmd(train_cmd(1, *common(tmp_path, "m", *args, "train.steps=4")), check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "refusing to unpickle 'posix.system'" in proc.stdout + proc.stderr
+    assert not marker.exists(), "the pickled payload ran"
