@@ -225,3 +225,65 @@ def test_malicious_checkpoint_is_refused(tmp_path: Path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "refusing to unpickle 'posix.system'" in proc.stdout + proc.stderr
     assert not marker.exists(), "the pickled payload ran"
+
+
+def test_nan_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path: Path):
+    args = common(
+        tmp_path,
+        "nan",
+        "method.name=mae_nan_test",
+        "data.backend=synthetic",
+        "train.steps=20",
+        "train.global_batch_size=8",
+        "train.ckpt_every=4",
+        "train.log_every=3",
+    )
+    script = str(ROOT / "tests" / "helpers" / "train_with_nan.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), script, "1", "9", "--config", str(TINY_MAE), *args]
+    t0 = time.time()
+    proc = run_cmd(cmd, check=False, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert time.time() - t0 < 120  # no rank hangs waiting for the other
+    # both ranks report the same step (9, the first bad one) and the last good checkpoint (step 8)
+    assert out.count("non-finite loss or gradient norm at step 9") == 2, out[-3000:]
+    assert "step_00000008" in out
+    ckpts = tmp_path / "nan" / "checkpoints"
+    complete = sorted(d.name for d in ckpts.glob("step_*") if (d / "COMPLETE").exists())
+    assert complete == ["step_00000004", "step_00000008"]  # nothing saved after the bad step
+
+
+def test_export_loads_strict_into_timm_with_same_features(tmp_path: Path):
+    timm = pytest.importorskip("timm")
+    args = ["data.backend=synthetic", "train.steps=2", "train.global_batch_size=8", "train.ckpt_every=2"]
+    run_cmd(train_cmd(1, *common(tmp_path, "e", *args)))
+    export = tmp_path / "e" / "exports" / "step_00000002"
+    meta = json.loads((export / "backbone.json").read_text())
+    assert (export / "COMPLETE").exists() and meta["arch"] == "vit_tiny_patch16" and meta["step"] == 2
+    weights = load_file(str(export / "backbone.safetensors"))
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=meta["img_size"],
+        patch_size=meta["patch_size"],
+        embed_dim=meta["embed_dim"],
+        depth=meta["depth"],
+        num_heads=meta["num_heads"],
+        num_classes=0,
+    )
+    ref.load_state_dict(weights, strict=True)
+    from pretrain.models import create_vit
+
+    ours = create_vit(
+        meta["arch"],
+        img_size=meta["img_size"],
+        patch_size=meta["patch_size"],
+        embed_dim=meta["embed_dim"],
+        depth=meta["depth"],
+        num_heads=meta["num_heads"],
+        pos_embed=meta["pos_embed"],
+    )
+    ours.load_state_dict(weights, strict=True)
+    x = torch.randn(2, 3, meta["img_size"], meta["img_size"])
+    torch.testing.assert_close(
+        ref.eval().forward_features(x), ours.eval().forward_features(x), atol=1e-5, rtol=1e-5
+    )
