@@ -4,13 +4,15 @@ Exact, tested-together versions live in requirements.txt (``make install``); the
 what the code supports.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="ssl-pretrain",
     version="0.1.0",
     description="Distributed self-supervised pretraining of ViTs: MAE, DINO, CLIP on SLURM with FSDP2",
-    long_description=open("README.md").read(),
+    long_description=(Path(__file__).parent / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["pretrain*", "data_pipelines*", "launch*", "evals*"]),

@@ -1,0 +1,417 @@
+"""Submit a pretraining run to SLURM (submitit), run it locally, or show what would be submitted.
+
+    python launch/slurm.py --method mae --nodes 8
+    python launch/slurm.py --help
+
+Thin command line: the plan (recipe, resolved config, SLURM parameters) is built in launch/plan.py,
+the job that runs in every task is launch/jobs.py, the local path launch/local.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python launch/slurm.py`: import from the repository, not from launch/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from launch.cluster_profile import LaunchError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+EPILOG = """\
+examples:
+  # the method's paper recipe (configs/default_recipes.yaml: mae -> configs/mae/vit_l16_in1k.yaml), 64 GPUs
+  python launch/slurm.py --cluster mysite --method mae --nodes 8
+  # what would be submitted, with a GPU-hours estimate; submits nothing
+  python launch/slurm.py --method mae --nodes 8 --dry-run
+  # any recipe, config overrides at the end, evals after pretraining succeeds
+  python launch/slurm.py --config configs/mae/vit_l16_in1k.yaml --nodes 4 --time 2-00:00:00 \\
+      --name mae_l16_run2 --eval knn,linear train.steps=100000 optim.base_lr=2e-4
+  # the single-machine test cluster (launch/local_cluster.sh start), CPU ranks
+  python launch/slurm.py --cluster local --config configs/mae/tiny_fmnist.yaml --nodes 2
+  # the same job as 2 processes on this machine, without SLURM
+  python launch/slurm.py --config configs/mae/tiny_fmnist.yaml --local --nproc 2
+
+run directory:
+  runs/<run name>/ (run.root/run.name; --name sets run.name). Every rank and every requeued attempt
+  writes there; submitit's logs are in runs/<name>/slurm/<jobid>_<rank>_log.{out,err}. Submitting
+  the same name again resumes from its newest complete checkpoint.
+
+preemption and time limits:
+  SLURM sends USR2 --signal-delay seconds before the time limit (or on `scancel --signal=USR2 JOB`).
+  Every rank only sets a stop flag; the ranks agree at the next step, all save that step, then the
+  job requeues itself (same job id) and resumes there. At most --max-timeouts time-limit requeues
+  and --max-requeues restarts in all; then the job fails with a complete checkpoint. `scontrol
+  requeue JOB` (no signal) resumes from the last periodic checkpoint. A rank that dies ends the job at
+  once (srun --kill-on-bad-exit); `scontrol requeue JOB` or the same command again resumes it.
+
+exit codes: 0 submitted (or --dry-run / --local finished), 2 bad input (nothing submitted),
+  3 --local run stopped with a checkpoint, 1 other failures.
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python launch/slurm.py",
+        description=(
+            "Launch self-supervised pretraining as one SLURM job (submitit): one task per GPU, every rank "
+            "running pretrain.train with the process group from submitit's environment (NCCL on GPUs, gloo "
+            "on CPU nodes). Preemption-safe: the job saves and requeues itself on SLURM's signal."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_argument_group("what to train")
+    what.add_argument(
+        "--method",
+        metavar="NAME",
+        help="method name; submits its default recipe (configs/default_recipes.yaml)",
+    )
+    what.add_argument(
+        "--config",
+        metavar="YAML",
+        help="recipe YAML, e.g. configs/mae/vit_l16_in1k.yaml (instead of --method)",
+    )
+    what.add_argument(
+        "--name", metavar="RUN", help="run name (sets run.name; the run directory is runs/<name>)"
+    )
+    what.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=1000"
+    )
+
+    res = p.add_argument_group("resources (override the --cluster profile)")
+    res.add_argument(
+        "--cluster",
+        metavar="SITE",
+        help="site profile: a name under configs/cluster/ or a YAML path "
+        "(default: $SSL_CLUSTER, else built-in 8-GPU defaults)",
+    )
+    res.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
+    res.add_argument(
+        "--gpus-per-node", type=int, metavar="G", help="GPUs per node = tasks (ranks) per node; 0: CPU nodes"
+    )
+    res.add_argument(
+        "--tasks-per-node",
+        type=int,
+        metavar="T",
+        help="ranks per node (default: --gpus-per-node, or 1 without GPUs)",
+    )
+    res.add_argument(
+        "--cpus-per-task", type=int, metavar="C", help="CPUs per rank (data loader workers + 1 or 2)"
+    )
+    res.add_argument("--mem", help="memory per node, SLURM form: 200G, 64000M, 0 (all)")
+    res.add_argument("--time", help="time limit per attempt: minutes, HH:MM:SS or D-HH:MM:SS")
+    res.add_argument("--partition", help="SLURM partition (checked with sinfo)")
+    res.add_argument("--account", help="SLURM account")
+    res.add_argument("--qos", help="SLURM quality of service")
+    res.add_argument("--constraint", help="SLURM node features, e.g. h100")
+    res.add_argument(
+        "--signal-delay",
+        type=int,
+        dest="signal_delay_s",
+        metavar="SECONDS",
+        help="send USR2 this long before the time limit (the save must fit in it)",
+    )
+    res.add_argument(
+        "--max-timeouts",
+        type=int,
+        metavar="N",
+        help="time-limit requeues before the job fails (submitit max_num_timeout)",
+    )
+    res.add_argument(
+        "--max-requeues",
+        type=int,
+        metavar="N",
+        help="restarts of the job for any reason before a stop ends it",
+    )
+
+    mode = p.add_argument_group("mode")
+    mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, SLURM parameters, world size, batch, steps and a "
+        "GPU-hours estimate; submit nothing",
+    )
+    mode.add_argument("--local", action="store_true", help="run the job here as N processes, without SLURM")
+    mode.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="--local: number of processes (default: nodes x tasks per node)",
+    )
+    mode.add_argument(
+        "--eval",
+        metavar="P1,P2",
+        help="evaluation protocols (e.g. knn,linear) submitted as jobs "
+        "that start after pretraining succeeds: python -m evals.run --checkpoint "
+        "runs/<name>/exports/latest --protocol P",
+    )
+    mode.add_argument(
+        "--eval-args",
+        metavar="ARGS",
+        default="",
+        help="more arguments for every eval job, e.g. --eval-args='--data data/fmnist'",
+    )
+    mode.add_argument(
+        "--peak-tflops",
+        type=float,
+        metavar="TFLOPS",
+        help="per-GPU peak for the estimate (profile; default 989, H100 bf16)",
+    )
+    mode.add_argument(
+        "--mfu",
+        type=float,
+        metavar="FRACTION",
+        dest="assumed_mfu",
+        help="assumed MFU for the estimate (default 0.40)",
+    )
+    return p
+
+
+def build_plan(args: argparse.Namespace):
+    """Flags -> Plan (raises LaunchError / ConfigError on bad input)."""
+    from launch.cluster_profile import load_profile
+    from launch.plan import Plan, eval_protocols, profile_with_overrides, recipe_for_method, slurm_parameters
+    from pretrain.config import load_config
+
+    if args.nodes < 1:
+        raise LaunchError(f"--nodes {args.nodes}: need at least 1 node")
+    if args.nproc is not None and args.nproc < 1:
+        raise LaunchError(f"--nproc {args.nproc}: need at least 1 process")
+    if args.nproc is not None and not args.local:
+        raise LaunchError(
+            "--nproc is for --local runs; on SLURM use --nodes and --gpus-per-node/--tasks-per-node"
+        )
+    if args.local and args.eval:
+        raise LaunchError("--eval submits SLURM jobs; with --local run `python -m evals.run` after training")
+    base, source = load_profile(args.cluster)
+    if args.gpus_per_node is not None and args.tasks_per_node is None:
+        base = dataclasses.replace(base, tasks_per_node=None)  # one task per GPU given on the command line
+    profile = profile_with_overrides(
+        base,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        signal_delay_s=args.signal_delay_s,
+        max_timeouts=args.max_timeouts,
+        max_requeues=args.max_requeues,
+        peak_tflops=args.peak_tflops,
+        assumed_mfu=args.assumed_mfu,
+    )
+    if args.config:
+        recipe = Path(args.config)
+    elif args.method:
+        recipe = recipe_for_method(args.method)
+    else:
+        raise LaunchError("say what to train: --method NAME (its default recipe) or --config RECIPE.yaml")
+    world_size = args.nproc if args.local and args.nproc else args.nodes * profile.ranks_per_node
+    overrides = list(args.overrides) + ([f"run.name={args.name}"] if args.name else [])
+    cfg = load_config(recipe, overrides, world_size=world_size)
+    if args.method and args.config and cfg.method.name != args.method:
+        raise LaunchError(f"--method {args.method} but {recipe} trains method.name={cfg.method.name}")
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    return Plan(
+        recipe=recipe,
+        cfg=cfg,
+        profile=profile,
+        profile_source=source,
+        nodes=args.nodes,
+        world_size=world_size,
+        run_dir=run_dir,
+        slurm=slurm_parameters(profile, cfg.run.name, args.nodes),
+        evals=eval_protocols(args.eval),
+        local_nproc=world_size if args.local else None,
+    ), overrides
+
+
+def check_run_dir(plan) -> None:
+    """Refuse a config that the run's saved config would refuse on resume (before submitting)."""
+    from omegaconf import OmegaConf
+
+    from pretrain.config import RESUME_SAFE_KEYS, diff_configs
+
+    saved = plan.run_dir / "config.yaml"
+    if not saved.is_file() or plan.cfg.resume.allow_config_change:
+        return
+    conflicts = {
+        k: v for k, v in diff_configs(OmegaConf.load(saved), plan.cfg).items() if k not in RESUME_SAFE_KEYS
+    }
+    if conflicts:
+        lines = "\n".join(f"  {k}: saved {a!r} -> now {b!r}" for k, (a, b) in conflicts.items())
+        raise LaunchError(
+            f"{saved}: run '{plan.cfg.run.name}' exists with a different config; the job would refuse to "
+            f"resume it:\n{lines}\nUse the saved values, another --name, or resume.allow_config_change=true."
+        )
+
+
+def jobs_file(run_dir: Path) -> Path:
+    return run_dir / "slurm" / "jobs.jsonl"
+
+
+def recorded_jobs(run_dir: Path) -> list[dict]:
+    path = jobs_file(run_dir)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _record(run_dir: Path, **fields) -> None:
+    path = jobs_file(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"time": time.time(), **fields}) + "\n")
+
+
+def submit(plan, argv: list[str], eval_args: str = "") -> int:
+    """Submit the pretraining job (and its evals); print the job id, run dir and how to follow it."""
+    import submitit
+
+    from launch.cluster import queue_states
+    from launch.jobs import EvalJob, PretrainJob, eval_command
+    from launch.plan import eval_slurm_parameters
+    from pretrain.config import to_yaml
+
+    cfg, profile = plan.cfg, plan.profile
+    previous = [j["job_id"] for j in recorded_jobs(plan.run_dir) if j.get("kind") == "pretrain"]
+    active = queue_states(previous)
+    if active:
+        jid, state = next(iter(active.items()))
+        raise LaunchError(
+            f"job {jid} ({state}) is already training run '{cfg.run.name}' in {plan.run_dir}: wait for it, "
+            f"`scancel {jid}`, or choose another --name"
+        )
+    folder = plan.run_dir / "slurm"
+    workdir = os.getcwd()
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_timeouts)
+    executor.update_parameters(**plan.slurm)
+    job = executor.submit(PretrainJob(to_yaml(cfg), workdir, profile.max_requeues, profile.gpus_per_node))
+    jid = job.job_id
+    _record(
+        plan.run_dir,
+        job_id=jid,
+        kind="pretrain",
+        nodes=plan.nodes,
+        world_size=plan.world_size,
+        method=cfg.method.name,
+        recipe=str(plan.recipe),
+        workdir=workdir,
+        argv=argv,
+    )
+    tasks = plan.profile.ranks_per_node
+    print(
+        f"submitted job {jid}: run '{cfg.run.name}' ({cfg.method.name}, {plan.nodes} node(s) x {tasks} "
+        f"task(s) = {plan.world_size} rank(s), {cfg.train.steps} steps)"
+    )
+    print(f"run dir:  {plan.run_dir}")
+    print(f"logs:     {folder}/{jid}_0_log.out (rank 0; rank R: {jid}_R_log.out / .err)")
+    print(f"follow:   tail -f {folder}/{jid}_0_log.out")
+    print(f"status:   python launch/status.py {plan.run_dir}")
+    print(f"cancel:   scancel {jid}        (preempt: scancel --signal=USR2 {jid})")
+    failed = False
+    run_dir_arg = str(plan.run_dir)
+    for protocol in plan.evals:
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_timeouts)
+        ex.update_parameters(**eval_slurm_parameters(profile, f"{cfg.run.name}-eval-{protocol}", jid))
+        command = eval_command(sys.executable, run_dir_arg, protocol) + shlex.split(eval_args)
+        try:
+            ejob = ex.submit(EvalJob(command, workdir))
+        except Exception as e:  # pretraining is submitted: say what failed, keep going
+            print(f"error: eval '{protocol}' was not submitted: {e}", file=sys.stderr)
+            failed = True
+            continue
+        _record(plan.run_dir, job_id=ejob.job_id, kind="eval", protocol=protocol, after=jid, command=command)
+        print(f"eval:     job {ejob.job_id} ({protocol}) starts after {jid} succeeds: {' '.join(command)}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_intermixed_args(argv)
+    from launch.cluster import SlurmUnavailable, check_partition, slurm_installed
+    from pretrain.config import ConfigError
+
+    try:
+        plan, overrides = build_plan(args)
+        needs_slurm = not args.local
+        if needs_slurm and not args.dry_run and not slurm_installed():
+            raise LaunchError(
+                "SLURM is not installed here (no sbatch/srun on PATH). Use --local to run the job on this "
+                "machine, or --dry-run to see what would be submitted."
+            )
+        partition_note = ""
+        if needs_slurm:
+            try:
+                plan.slurm["partition"] = check_partition(plan.profile.partition)
+            except SlurmUnavailable as e:
+                if not args.dry_run:
+                    print(f"error: {e}", file=sys.stderr)
+                    return EXIT_FAILED
+                partition_note = f"(partition not checked: {e})"
+        check_run_dir(plan)
+    except (LaunchError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    shards = str(plan.cfg.data.shards or "")
+    if (
+        plan.cfg.data.backend == "wds"
+        and shards
+        and not any(c in shards for c in "*?[{")
+        and not Path(shards).exists()
+    ):
+        print(
+            f"warning: data.shards={shards} does not exist here; the job fails unless the compute nodes see it",
+            file=sys.stderr,
+        )
+    if args.dry_run:
+        from launch.plan import estimate, method_flops_per_sample
+
+        est = estimate(
+            method_flops_per_sample(plan.cfg),
+            int(plan.cfg.train.steps),
+            int(plan.cfg.train.global_batch_size),
+            plan.world_size,
+            plan.profile.peak_tflops,
+            plan.profile.assumed_mfu,
+        )
+        print(plan.describe(est))
+        if partition_note:
+            print(partition_note)
+        print("\ndry run: nothing submitted")
+        return EXIT_OK
+    if args.local:
+        from launch.local import run_local
+
+        print(f"local run: {plan.world_size} process(es), run dir {plan.run_dir}", flush=True)
+        return run_local(str(plan.recipe), overrides, plan.world_size)
+    try:
+        return submit(plan, argv, args.eval_args)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except SlurmUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
