@@ -135,6 +135,9 @@ def run(cfg: Any) -> int:
         result = trainer.fit(start_step)
     finally:
         writer.close()
+        close = getattr(loader, "close", None)  # stop loader worker processes now, not at exit
+        if close is not None:
+            close()
     if result.finished:
         writer.event("finished", step=result.step)
         log.info("finished: %d steps; backbone exported to %s", result.step, run_dir / "exports")
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
+    from data_pipelines.loader import CorruptDataError, ShardSpecError
     from pretrain import preemption
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config, to_yaml
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     preemption.install_handlers()
     try:
         return run(cfg)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, ShardSpecError, CorruptDataError) as e:
         log.error("%s", e)
         return EXIT_BAD_INPUT
     except NonFiniteLossError as e:
