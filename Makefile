@@ -9,6 +9,7 @@ export PYTHONUNBUFFERED := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+TUXPAINT := /usr/share/tuxpaint/stamps
 SHARDS := data/fmnist
 
 .PHONY: help install system-deps data demo test test-fast lint format bench clean-runs
@@ -31,10 +32,13 @@ $(STAMP): requirements.txt setup.py
 
 install: $(STAMP)
 
+# Real data sets shipped by Debian packages: Fashion-MNIST (image SSL, evals) and the Tux Paint
+# stamps (images with captions, for the caption sources and CLIP).
 system-deps:
-	@if [ ! -f $(FMNIST) ]; then \
-		echo "installing Debian package dataset-fashion-mnist"; \
-		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; \
+	@if [ ! -f $(FMNIST) ] || [ ! -d $(TUXPAINT) ]; then \
+		echo "installing Debian packages dataset-fashion-mnist tuxpaint-stamps-default"; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q --no-install-recommends dataset-fashion-mnist tuxpaint-stamps-default; \
 	fi
 
 $(SHARDS)/train/manifest.json: | install system-deps

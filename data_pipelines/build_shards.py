@@ -3,16 +3,24 @@
 Usage::
 
     python -m data_pipelines.build_shards SOURCE OUT [--split train|test] [--shard-size 1000]
-        [--workers N] [--limit N] [--image-format png|jpg] [--overwrite] [--quiet]
+        [--workers N] [--limit N] [--image-format png|jpg] [--source-type KIND]
+        [--alpha-background white|black] [--overwrite] [--quiet]
 
-``SOURCE`` is a directory (IDX files, or an ImageFolder tree) or a known data set name such as
-``fashion-mnist`` (see :mod:`data_pipelines.datasets`). ``OUT`` receives::
+``SOURCE`` is a directory (IDX files, an ImageFolder tree, or a folder of images with a
+``<name>.txt`` caption beside each), a ``.csv``/``.tsv`` of ``path,caption`` rows, or a known data
+set name such as ``fashion-mnist`` (see :mod:`data_pipelines.sources` and
+:mod:`data_pipelines.datasets`); ``--source-type`` overrides the layout detection. ``OUT``
+receives::
 
-    shard-000000.tar   members <key>.png|jpg, <key>.cls (ASCII class index), <key>.json (metadata)
+    shard-000000.tar   members <key>.png|jpg, <key>.cls (ASCII class index) or <key>.txt (caption),
+                       <key>.json (metadata)
     shard-000000.idx   DALI ``wds2idx`` index (v1.2) of the tar, written from the tar offsets
     shard-000000.done  JSON record of the finished shard (fingerprint, size, sha256, skipped)
     ...
-    manifest.json      written last: version, source, split, counts, classes, shards, skipped
+    manifest.json      written last: version, source, split, counts, classes, members, shards, skipped
+
+Stored images are always 8-bit grey or RGB (alpha composited onto ``--alpha-background``, palette
+and CMYK converted), so every decoder -- PIL for the ``wds`` backend, DALI's -- sees the same pixels.
 
 Shard ``i`` holds source items ``[i * shard_size, (i + 1) * shard_size)`` minus the ones that fail
 validation (decoded here; 0-byte or undecodable files are skipped and listed with the reason), so
@@ -56,6 +64,7 @@ from tqdm import tqdm
 
 from data_pipelines import sources as src
 from data_pipelines.datasets import DatasetNotFoundError
+from data_pipelines.sources import SkipSample
 from data_pipelines.tar_index import SampleEntry, TarMember, group_samples, scan_tar, write_dali_index
 
 log = logging.getLogger(__name__)
@@ -71,8 +80,7 @@ class BuildError(ValueError):
     """Invalid build arguments or an output directory that cannot be used."""
 
 
-class SkipSample(Exception):
-    """Raised for a sample that fails validation; the message is the reason recorded."""
+ALPHA_BACKGROUNDS = {"white": 255, "black": 0}
 
 
 def shard_stem(index: int) -> str:
@@ -87,34 +95,70 @@ def shard_stem(index: int) -> str:
 def _save(image: Image.Image, image_format: str) -> bytes:
     buf = io.BytesIO()
     if image_format == "jpg":
-        if image.mode not in ("L", "RGB", "CMYK"):
-            image = image.convert("RGB")
         image.save(buf, format="JPEG", quality=JPEG_QUALITY)
     else:
-        if image.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-            image = image.convert("RGB")
         image.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def encode_image(image: bytes | np.ndarray, image_format: str) -> tuple[bytes, dict[str, Any]]:
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+
+
+def to_stored_mode(image: Image.Image, background: str = "white") -> Image.Image:
+    """Convert an image to what shards store: 8-bit grey (``L``) or ``RGB``.
+
+    Transparent pixels have no defined colour (decoders differ in what they show there), so alpha
+    is composited onto a plain ``background``; 16-bit grey keeps its 8 high bits; palette, CMYK and
+    other modes become RGB. Both data backends then decode exactly the same pixels.
+
+    Args:
+        image: a decoded image.
+        background: ``white`` or ``black`` (for images with transparency).
+
+    Returns:
+        The image, unchanged when it already is ``L`` or ``RGB``.
+    """
+    if image.mode in ("L", "RGB"):
+        return image
+    if _has_alpha(image):
+        grey = image.mode in ("LA", "La")
+        rgba = image.convert("RGBA")
+        level = ALPHA_BACKGROUNDS[background]
+        canvas = Image.new("RGBA", rgba.size, (level, level, level, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("L" if grey else "RGB")
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8), mode="L")
+    if image.mode == "1":
+        return image.convert("L")
+    return image.convert("RGB")
+
+
+def encode_image(
+    image: bytes | np.ndarray, image_format: str, background: str = "white"
+) -> tuple[bytes, dict[str, Any]]:
     """Validate (fully decode) an image and return the bytes to store.
 
-    Encoded files already in ``image_format`` are stored unchanged; other files are re-encoded;
-    pixel arrays are encoded. Grey images stay single-channel.
+    Encoded files already in ``image_format`` and in 8-bit grey or RGB are stored unchanged;
+    others are converted (:func:`to_stored_mode`) and re-encoded; pixel arrays are encoded. Grey
+    images stay single-channel.
 
     Args:
         image: an encoded image file or a uint8 array (H x W or H x W x C).
         image_format: ``png`` or ``jpg``.
+        background: colour that transparent pixels are composited onto (``white`` | ``black``).
 
     Returns:
-        (file bytes, {"width", "height", "mode"}).
+        (file bytes, {"width", "height", "mode"}) with the stored image's mode.
 
     Raises:
         SkipSample: empty or undecodable input; the message is the reason.
     """
     if isinstance(image, np.ndarray):
-        pil = Image.fromarray(image)
+        pil = to_stored_mode(Image.fromarray(image), background)
         return _save(pil, image_format), {"width": pil.width, "height": pil.height, "mode": pil.mode}
     if len(image) == 0:
         raise SkipSample("empty file (0 bytes)")
@@ -127,10 +171,11 @@ def encode_image(image: bytes | np.ndarray, image_format: str) -> tuple[bytes, d
         raise SkipSample(f"cannot decode image: {exc}") from None
     if pil.width == 0 or pil.height == 0:
         raise SkipSample(f"image has zero size {pil.width}x{pil.height}")
-    info = {"width": pil.width, "height": pil.height, "mode": pil.mode}
-    if pil.format == IMAGE_FORMATS[image_format]:
+    stored = to_stored_mode(pil, background)
+    info = {"width": stored.width, "height": stored.height, "mode": stored.mode}
+    if stored is pil and pil.format == IMAGE_FORMATS[image_format]:
         return image, info
-    return _save(pil, image_format), info
+    return _save(stored, image_format), info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,6 +193,7 @@ class ShardTask:
     image_format: str
     fingerprint: str
     spec: src.SourceSpec
+    background: str = "white"
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -175,8 +221,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _iter_members(item: src.SourceItem, image_format: str) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
-    data, info = encode_image(item.image, image_format)
+def _iter_members(
+    item: src.SourceItem, image_format: str, background: str = "white"
+) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+    data, info = encode_image(item.image, image_format, background)
     members = [(f"{item.key}.{image_format}", data)]
     if item.label is not None:
         members.append((f"{item.key}.cls", str(item.label).encode("ascii")))
@@ -208,14 +256,12 @@ def write_shard(task: ShardTask, on_sample: Callable[[], None] | None = None) ->
             for i in range(task.start, task.stop):
                 try:
                     item = source.item(i)
-                    members, _ = _iter_members(item, task.image_format)
+                    members, _ = _iter_members(item, task.image_format, task.background)
                 except SkipSample as exc:
-                    skipped.append({"path": _item_path(source, i), "index": i, "reason": str(exc)})
+                    skipped.append({"path": source.item_path(i), "index": i, "reason": str(exc)})
                     members = []
                 except OSError as exc:
-                    skipped.append(
-                        {"path": _item_path(source, i), "index": i, "reason": f"cannot read: {exc}"}
-                    )
+                    skipped.append({"path": source.item_path(i), "index": i, "reason": f"cannot read: {exc}"})
                     members = []
                 if members:
                     entry = SampleEntry(key=item.key)
@@ -250,12 +296,6 @@ def write_shard(task: ShardTask, on_sample: Callable[[], None] | None = None) ->
         record["bytes"], record["sha256"] = 0, None
     _atomic_write_text(done_path, json.dumps(record, indent=1, sort_keys=True))
     return record
-
-
-def _item_path(source: src.SampleSource, index: int) -> str:
-    if isinstance(source, src.ImageFolderSource):
-        return str(source.root / source.files[index][0])
-    return f"{source.spec.path}#{index}"
 
 
 def _write_shard_quiet(task: ShardTask) -> dict[str, Any]:
@@ -293,13 +333,14 @@ def _finished(out: Path, index: int, fingerprint: str) -> dict[str, Any] | None:
     return record
 
 
-def _fingerprint(source: src.SampleSource, shard_size: int, image_format: str) -> str:
+def _fingerprint(source: src.SampleSource, shard_size: int, image_format: str, background: str) -> str:
     desc = {
         "version": FORMAT_VERSION,
         "spec": asdict(source.spec),
         "num_items": len(source),
         "shard_size": shard_size,
         "image_format": image_format,
+        "alpha_background": background,
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -336,6 +377,8 @@ def build_shards(
     image_format: str = "png",
     overwrite: bool = False,
     progress: bool = True,
+    source_type: str | None = None,
+    alpha_background: str = "white",
 ) -> dict[str, Any]:
     """Build (or finish building) the shards of a source; returns the manifest.
 
@@ -349,6 +392,9 @@ def build_shards(
         image_format: ``png`` or ``jpg``.
         overwrite: delete shards built with different arguments instead of refusing.
         progress: show a tqdm progress bar over samples.
+        source_type: force a source kind (``idx``, ``captions``, ``imagefolder``, ``csv``)
+            instead of detecting the layout.
+        alpha_background: ``white`` or ``black``: what transparent pixels are composited onto.
 
     Returns:
         The manifest (also written to ``OUT/manifest.json``).
@@ -366,12 +412,16 @@ def build_shards(
         raise BuildError(
             f"--image-format {image_format!r} is not valid; choose one of {', '.join(IMAGE_FORMATS)}"
         )
-    source_obj = src.open_source(source, split=split, limit=limit)
+    if alpha_background not in ALPHA_BACKGROUNDS:
+        raise BuildError(
+            f"--alpha-background {alpha_background!r} is not valid; choose one of {', '.join(ALPHA_BACKGROUNDS)}"
+        )
+    source_obj = src.open_source(source, split=split, limit=limit, kind=source_type)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise BuildError(f"OUT {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(source_obj, shard_size, image_format)
+    fingerprint = _fingerprint(source_obj, shard_size, image_format, alpha_background)
     num_shards = math.ceil(len(source_obj) / shard_size)
 
     with _locked(out_dir):
@@ -406,6 +456,7 @@ def build_shards(
                 image_format=image_format,
                 fingerprint=fingerprint,
                 spec=source_obj.spec,
+                background=alpha_background,
             )
             for i in range(num_shards)
             if i not in records
@@ -450,6 +501,13 @@ def build_shards(
             "source": source_obj.describe(),
             "split": split,
             "image_format": image_format,
+            "alpha_background": alpha_background,
+            "members": [
+                image_format,
+                *(["cls"] if source_obj.classes is not None else []),
+                *source_obj.extra_members,
+                "json",
+            ],
             "shard_size": shard_size,
             "num_samples": sum(r["num_samples"] for r in ordered),
             "num_source_items": len(source_obj),
@@ -486,7 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Build WebDataset tar shards with DALI index files and a manifest from a sample source.",
     )
     parser.add_argument(
-        "source", help="data set directory (IDX files or ImageFolder tree) or a name: fashion-mnist, mnist"
+        "source",
+        help="data set directory (IDX files, ImageFolder tree, images with <name>.txt captions), "
+        "a .csv/.tsv of path,caption rows, or a name: fashion-mnist, mnist",
     )
     parser.add_argument("out", help="output directory for shard-NNNNNN.{tar,idx} and manifest.json")
     parser.add_argument("--split", choices=src.SPLITS, default="train")
@@ -494,6 +554,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N source items")
     parser.add_argument("--image-format", choices=sorted(IMAGE_FORMATS), default="png")
+    parser.add_argument(
+        "--source-type",
+        choices=src.source_kinds(),
+        default=None,
+        help="force the source layout instead of detecting it",
+    )
+    parser.add_argument(
+        "--alpha-background",
+        choices=sorted(ALPHA_BACKGROUNDS),
+        default="white",
+        help="colour transparent pixels are composited onto (default white)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace shards built with other arguments")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -509,6 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_format=args.image_format,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            source_type=args.source_type,
+            alpha_background=args.alpha_background,
         )
     except (src.SourceError, BuildError, DatasetNotFoundError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

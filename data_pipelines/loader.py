@@ -5,13 +5,18 @@ Batch contract (both backends): each item is a dict
 * ``images``: list with one float32 tensor ``[B, 3, S, S]`` per view (normalized with the view's
   mean/std; grey images become 3 channels);
 * ``label``: int64 ``[B]`` (-1 where unknown);
+* ``text``: int64 ``[B, context_length]`` caption tokens (only when ``LoaderConfig.text_key`` is set;
+  CLIP's BPE, see :mod:`data_pipelines.tokenizer`);
 * ``num_corrupt``: int, samples of this batch that were corrupt and replaced;
 * ``keys``: list of ``"<shard>/<key>"`` strings (only when ``LoaderConfig.return_keys``).
 
-``B`` is the per-rank micro-batch size; batches are always full. The stream is infinite and a pure
-function of ``(seed, batch number, rank, world_size, num_workers)``: to resume, the trainer stores
-how many batches (micro-batches) this rank has consumed and passes it as ``start_batch``. See
-:mod:`data_pipelines.wds` for the slot design that makes this true.
+``B`` is the per-rank micro-batch size; batches are always full. Images are on the CPU, except
+with ``backend=dali`` on a GPU (then on this rank's CUDA device). The stream is infinite and a pure
+function of ``(seed, batch number, rank, world_size, num_workers)`` -- the same for the ``wds`` and
+``dali`` backends: to resume, the trainer stores how many batches (micro-batches) this rank has
+consumed and passes it as ``start_batch``. See :mod:`data_pipelines.wds` for the slot design that
+makes this true (and the rule when the world size changes on resume), :mod:`data_pipelines.dali`
+for the DALI graph.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from data_pipelines.wds import CorruptDataError, ShardSpecError, WdsBatches, res
 
 __all__ = ["BACKENDS", "CorruptDataError", "LoaderConfig", "ShardSpecError", "build_loader"]
 
-BACKENDS = ("wds", "synthetic")
+BACKENDS = ("wds", "dali", "synthetic")
+DALI_DEVICES = ("auto", "cpu", "gpu")
 
 
 @dataclass
@@ -37,17 +43,27 @@ class LoaderConfig:
     """The ``data`` section of a training config.
 
     Attributes:
-        backend: ``wds`` (PyTorch DataLoader over WebDataset shards) or ``synthetic`` (random
-            images with the same contract, for benchmarks and equivalence tests; ``shards`` unused);
-            ``dali`` is planned.
+        backend: ``wds`` (PyTorch DataLoader over WebDataset shards, torchvision augmentation on
+            the CPU), ``dali`` (the same stream, decoded and augmented by NVIDIA DALI: on the GPU
+            when there is one, else with DALI's CPU operators) or ``synthetic`` (random images with
+            the same contract, for benchmarks and equivalence tests; ``shards`` unused).
         shards: a directory with ``manifest.json`` written by ``data_pipelines.build_shards``
-            (preferred), a glob (``data/*.tar``) or a brace pattern (``data/shard-{000000..000009}.tar``).
-        num_workers: DataLoader worker processes per rank (0: load in the training process).
-            Part of the data order: changing it changes the stream.
-        prefetch_factor: batches prepared ahead by each worker.
+            (preferred), a directory of ``*.tar`` (e.g. img2dataset output), a glob
+            (``data/*.tar``) or a brace pattern (``data/shard-{000000..000009}.tar``).
+        num_workers: loader slots per rank: DataLoader worker processes with ``wds`` (0: load in
+            the training process), slots played in turn with ``dali``. Part of the data order:
+            changing it changes the stream.
+        prefetch_factor: batches prepared ahead by each worker (``wds``) or by DALI.
         max_corrupt_fraction: stop with ``CorruptDataError`` when more than this fraction of the
-            samples a worker has read (after at least 100) were corrupt.
+            samples a slot has read (after at least 100) were corrupt.
         return_keys: add the sample keys to each batch (tests, debugging).
+        text_key: member extension of the captions (``txt``) to read and tokenize into
+            ``batch["text"]``; empty: no captions. A sample without it counts as corrupt.
+        context_length: tokens per caption (CLIP: 77).
+        dali_device: ``auto`` (GPU when CUDA is available), ``cpu`` or ``gpu``.
+        dali_threads: DALI CPU threads per rank.
+        dali_hw_decoder_load: share of JPEGs sent to the GPU's hardware JPEG decoder (``mixed``
+            decoding only); ``null`` keeps DALI's default.
     """
 
     backend: str = "wds"
@@ -56,14 +72,16 @@ class LoaderConfig:
     prefetch_factor: int = 2
     max_corrupt_fraction: float = 0.01
     return_keys: bool = False
+    text_key: str = ""
+    context_length: int = 77
+    dali_device: str = "auto"
+    dali_threads: int = 2
+    dali_hw_decoder_load: float | None = None
 
     def validate(self) -> None:
         """Check field values, raising ``ValueError`` naming the field and what is valid."""
         if self.backend not in BACKENDS:
-            raise ValueError(
-                f"data.backend {self.backend!r} is not available; valid: {', '.join(BACKENDS)} "
-                f"(a DALI backend is planned behind the same build_loader)"
-            )
+            raise ValueError(f"data.backend {self.backend!r} is not available; valid: {', '.join(BACKENDS)}")
         if not self.shards and self.backend != "synthetic":
             raise ValueError("data.shards is empty: set it to a shard directory, glob or brace pattern")
         if self.num_workers < 0:
@@ -72,6 +90,18 @@ class LoaderConfig:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if not 0.0 <= self.max_corrupt_fraction <= 1.0:
             raise ValueError(f"data.max_corrupt_fraction must be in [0, 1], got {self.max_corrupt_fraction}")
+        if self.text_key and (not self.text_key.replace(".", "").replace("_", "").isalnum()):
+            raise ValueError(f"data.text_key must be a member extension such as 'txt', got {self.text_key!r}")
+        if self.context_length < 2:
+            raise ValueError(f"data.context_length must be >= 2, got {self.context_length}")
+        if self.dali_device not in DALI_DEVICES:
+            raise ValueError(
+                f"data.dali_device {self.dali_device!r} is not valid; choose one of {', '.join(DALI_DEVICES)}"
+            )
+        if self.dali_threads < 1:
+            raise ValueError(f"data.dali_threads must be >= 1, got {self.dali_threads}")
+        if self.dali_hw_decoder_load is not None and not 0.0 <= self.dali_hw_decoder_load <= 1.0:
+            raise ValueError(f"data.dali_hw_decoder_load must be in [0, 1], got {self.dali_hw_decoder_load}")
 
 
 def _as_config(cfg: LoaderConfig | Mapping[str, Any]) -> LoaderConfig:
@@ -113,6 +143,8 @@ def build_loader(
         ValueError: invalid config values or arguments.
         ShardSpecError: missing path, unreadable manifest, no shards, or fewer shards than
             ``world_size * num_workers``.
+        DaliUnavailableError: ``backend=dali`` without DALI installed (or ``dali_device=gpu``
+            without CUDA).
     """
     cfg = _as_config(cfg)
     cfg.validate()
@@ -126,22 +158,49 @@ def build_loader(
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     if cfg.backend == "synthetic":
         return synthetic_batches(
-            views, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed, start_batch=start_batch
+            views,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            start_batch=start_batch,
+            context_length=cfg.context_length if cfg.text_key else 0,
         )
     shard_set = resolve_shards(cfg.shards)
-    dataset = WdsBatches(
-        shard_set,
-        views,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        num_workers=cfg.num_workers,
-        seed=seed,
-        start_batch=start_batch,
-        max_corrupt_fraction=cfg.max_corrupt_fraction,
-        require_labels=shard_set.classes is not None,
-        return_keys=cfg.return_keys,
-    )
+    members = (shard_set.manifest or {}).get("members")
+    if cfg.text_key and isinstance(members, list) and cfg.text_key not in members:
+        raise ShardSpecError(
+            f"data.text_key={cfg.text_key!r} but the shards of {shard_set.origin} hold only {', '.join(members)} "
+            f"members: build them from a caption source (a folder of images with <name>.txt files, or a CSV of "
+            f"path,caption) or unset data.text_key"
+        )
+    common: dict[str, Any] = {
+        "batch_size": batch_size,
+        "rank": rank,
+        "world_size": world_size,
+        "num_workers": cfg.num_workers,
+        "seed": seed,
+        "start_batch": start_batch,
+        "max_corrupt_fraction": cfg.max_corrupt_fraction,
+        "require_labels": shard_set.classes is not None,
+        "text_key": cfg.text_key,
+        "context_length": cfg.context_length,
+        "return_keys": cfg.return_keys,
+    }
+    if cfg.backend == "dali":
+        from data_pipelines.dali import DaliBatches
+
+        dali = DaliBatches(
+            shard_set,
+            views,
+            device=cfg.dali_device,
+            num_threads=cfg.dali_threads,
+            prefetch=cfg.prefetch_factor,
+            hw_decoder_load=cfg.dali_hw_decoder_load,
+            **common,
+        )
+        return iter(dali)
+    dataset = WdsBatches(shard_set, views, **common)
     workers = cfg.num_workers
     loader = DataLoader(
         dataset,

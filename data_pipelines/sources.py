@@ -13,18 +13,33 @@ captions, img2dataset shards, ...) is one subclass decorated with :func:`registe
 Sources must be reopenable in worker processes from :class:`SourceSpec` (kind, path, split,
 limit), which is all that is sent to them.
 
-Sources here:
+Sources here (auto-detection tries them in this order; ``--source-type`` forces one):
 
 * :class:`IdxSource` — MNIST-style IDX files (``train-images-idx3-ubyte[.gz]`` + labels), in file
   order. The test split's files are called ``t10k-*``.
+* :class:`CaptionFolderSource` — a tree of images with a caption file beside each
+  (``<name>.png`` + ``<name>.txt``, first line = caption), like the Tux Paint stamps
+  (``/usr/share/tuxpaint/stamps``). Detected when at least half of the images have a caption
+  file. ``<name>_mirror.*`` / ``<name>_flip.*`` images beside ``<name>.*`` are mirrored variants of
+  the same picture and are left out; an image without (or with an empty) caption is skipped with
+  that reason.
 * :class:`ImageFolderSource` — ``ROOT/<class>/**/<image>``; classes are the sorted sub-folder names
   (index = position), images sorted by (class, relative path). If ``ROOT/<split>`` exists (or
   ``ROOT/val`` for ``--split test``), that folder is the root.
+* :class:`CsvSource` — a ``.csv`` / ``.tsv`` file of ``path,caption`` rows (header optional: a
+  first row naming the columns, e.g. ``filepath,title``, is recognised and may put them in any
+  order); relative paths are resolved against the file's folder. Rows that are malformed, name
+  a missing file or have an empty caption are skipped with the reason.
+
+Items a source cannot turn into a sample raise :class:`SkipSample` (the build records the reason).
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -36,6 +51,8 @@ import numpy as np
 
 from data_pipelines import datasets
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 )
@@ -44,6 +61,10 @@ SPLITS = ("train", "test")
 
 class SourceError(ValueError):
     """A source path is missing, has an unrecognised layout or holds no samples."""
+
+
+class SkipSample(Exception):
+    """An item that cannot become a sample (bad image, missing caption...); the message is the reason."""
 
 
 @dataclass
@@ -88,6 +109,7 @@ class SampleSource(ABC):
     """An indexed, deterministic sequence of raw samples."""
 
     kind: ClassVar[str] = ""
+    extra_members: ClassVar[tuple[str, ...]] = ()  # extensions of SourceItem.extras (e.g. ("txt",))
 
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
@@ -118,6 +140,10 @@ class SampleSource(ABC):
     def describe(self) -> dict[str, Any]:
         """JSON description stored in the manifest's ``source`` field."""
         return {"kind": self.kind, "path": self.spec.path, "split": self.spec.split, "limit": self.spec.limit}
+
+    def item_path(self, index: int) -> str:
+        """Where item ``index`` comes from, for the manifest's list of skipped items."""
+        return f"{self.spec.path}#{index}"
 
     @staticmethod
     def key_for(index: int, total: int) -> str:
@@ -260,6 +286,152 @@ class IdxSource(SampleSource):
 
 
 # ------------------------------------------------------------------------------------------------
+# Folders of images with a caption file beside each
+
+CAPTION_EXT = ".txt"
+VARIANT_SUFFIXES = ("_mirror", "_flip")
+VECTOR_EXTENSIONS = frozenset({".svg", ".svgz"})
+_DETECT_SAMPLE = 200
+
+
+def _split_root(path: Path, split: str) -> Path:
+    for name in (split, "val") if split == "test" else (split,):
+        if (path / name).is_dir():
+            return path / name
+    return path
+
+
+def _images_under(root: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and _is_image(p)
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def _first_images(root: Path, n: int) -> list[Path]:
+    """Up to ``n`` images under ``root`` in sorted walk order, without listing a whole large tree."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if _is_image(p):
+                found.append(p)
+                if len(found) >= n:
+                    return found
+    return found
+
+
+def _is_variant(path: Path) -> bool:
+    """``x_mirror.png`` / ``x_flip.png`` beside an image ``x.*``: a mirrored copy of the same picture."""
+    for suffix in VARIANT_SUFFIXES:
+        if path.stem.endswith(suffix):
+            base = path.stem[: -len(suffix)]
+            if any((path.parent / f"{base}{ext}").is_file() for ext in IMAGE_EXTENSIONS):
+                return True
+    return False
+
+
+def read_caption(path: Path) -> str:
+    """The caption in a text file: its first line, stripped.
+
+    Args:
+        path: the caption file.
+
+    Returns:
+        The caption.
+
+    Raises:
+        SkipSample: the file is missing, not UTF-8, or its first line is empty.
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise SkipSample(f"missing caption: no {path.name} beside the image") from None
+    except UnicodeDecodeError:
+        raise SkipSample(f"caption file {path.name} is not UTF-8 text") from None
+    caption = text.splitlines()[0].strip() if text.strip() else ""
+    if not caption:
+        raise SkipSample(f"empty caption in {path.name}")
+    return caption
+
+
+@register_source
+class CaptionFolderSource(SampleSource):
+    """Images with a caption file beside each (``<name>.<image ext>`` + ``<name>.txt``), unlabelled."""
+
+    kind = "captions"
+    extra_members = ("txt",)
+
+    def __init__(self, spec: SourceSpec, root: Path, files: list[str], ignored: dict[str, int]):
+        super().__init__(spec)
+        self.root, self.files, self.ignored = root, files, ignored
+
+    @classmethod
+    def detect(cls, path: Path, split: str) -> bool:
+        if not path.is_dir():
+            return False
+        images = [p for p in _first_images(_split_root(path, split), _DETECT_SAMPLE) if not _is_variant(p)]
+        with_caption = sum(p.with_suffix(CAPTION_EXT).is_file() for p in images)
+        return bool(images) and 2 * with_caption >= len(images)
+
+    @classmethod
+    def open(cls, path: Path, split: str, limit: int | None) -> CaptionFolderSource:
+        root = _split_root(path, split)
+        images = _images_under(root)
+        variants = [p for p in images if _is_variant(p)]
+        files = [p.relative_to(root).as_posix() for p in images if not _is_variant(p)]
+        vectors = sum(
+            1
+            for p in root.rglob("*")
+            if p.suffix.lower() in VECTOR_EXTENSIONS and p.with_suffix(CAPTION_EXT).is_file()
+        )
+        if not files:
+            raise SourceError(
+                f"empty source: {root} has no image files (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        if variants or vectors:
+            log.info(
+                "%s: left out %d mirrored variants (*_mirror/*_flip) and %d vector images (.svg) with captions",
+                root,
+                len(variants),
+                vectors,
+            )
+        if limit is not None:
+            files = files[:limit]
+        ignored = {"mirrored_variants": len(variants), "vector_images": vectors}
+        return cls(SourceSpec(cls.kind, str(path), split, limit), root, files, ignored)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def classes(self) -> None:
+        return None
+
+    def item(self, index: int) -> SourceItem:
+        rel = self.files[index]
+        caption = read_caption((self.root / rel).with_suffix(CAPTION_EXT))
+        return SourceItem(
+            index=index,
+            key=self.key_for(index, len(self)),
+            image=(self.root / rel).read_bytes(),
+            label=None,
+            meta={"source": rel, "index": index},
+            extras={"txt": caption.encode("utf-8")},
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "root": str(self.root), "ignored": self.ignored}
+
+    def item_path(self, index: int) -> str:
+        return str(self.root / self.files[index])
+
+
+# ------------------------------------------------------------------------------------------------
 # ImageFolder
 
 
@@ -283,10 +455,7 @@ class ImageFolderSource(SampleSource):
 
     @staticmethod
     def _root(path: Path, split: str) -> Path:
-        for name in (split, "val") if split == "test" else (split,):
-            if (path / name).is_dir():
-                return path / name
-        return path
+        return _split_root(path, split)
 
     @classmethod
     def detect(cls, path: Path, split: str) -> bool:
@@ -336,6 +505,98 @@ class ImageFolderSource(SampleSource):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "root": str(self.root)}
 
+    def item_path(self, index: int) -> str:
+        return str(self.root / self.files[index][0])
+
+
+# ------------------------------------------------------------------------------------------------
+# CSV / TSV of image paths and captions
+
+PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path", "img")
+CAPTION_COLUMNS = ("caption", "text", "title", "txt", "description")
+CSV_SUFFIXES = (".csv", ".tsv")
+
+
+@register_source
+class CsvSource(SampleSource):
+    """A ``.csv`` / ``.tsv`` of ``path,caption`` rows (optional header), unlabelled."""
+
+    kind = "csv"
+    extra_members = ("txt",)
+
+    def __init__(
+        self, spec: SourceSpec, base: Path, rows: list[tuple[int, list[str]]], columns: tuple[int, int]
+    ):
+        super().__init__(spec)
+        self.base, self.rows, self.columns = base, rows, columns
+
+    @classmethod
+    def detect(cls, path: Path, split: str) -> bool:
+        return path.is_file() and path.suffix.lower() in CSV_SUFFIXES
+
+    @classmethod
+    def open(cls, path: Path, split: str, limit: int | None) -> CsvSource:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceError(f"cannot read caption table {path}: {exc}") from exc
+        first = text.split("\n", 1)[0]
+        delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in first and "," not in first) else ","
+        rows = [
+            (line, row)
+            for line, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1)
+            if any(cell.strip() for cell in row)
+        ]
+        columns = (0, 1)
+        if rows:
+            header = [cell.strip().lower() for cell in rows[0][1]]
+            path_col = next((header.index(n) for n in PATH_COLUMNS if n in header), None)
+            text_col = next((header.index(n) for n in CAPTION_COLUMNS if n in header), None)
+            if path_col is not None and text_col is not None:
+                columns = (path_col, text_col)
+                rows = rows[1:]
+        if not rows:
+            raise SourceError(
+                f"empty source: {path} has no rows (expected 'path{delimiter}caption' per line, header optional)"
+            )
+        if limit is not None:
+            rows = rows[:limit]
+        return cls(SourceSpec(cls.kind, str(path), split, limit), path.parent, rows, columns)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def classes(self) -> None:
+        return None
+
+    def _row(self, index: int) -> tuple[int, str, str]:
+        line, row = self.rows[index]
+        need = max(self.columns) + 1
+        if len(row) < need:
+            raise SkipSample(f"malformed row {line}: {len(row)} column(s), need {need} (path, caption)")
+        return line, row[self.columns[0]].strip(), row[self.columns[1]].strip()
+
+    def item(self, index: int) -> SourceItem:
+        line, rel, caption = self._row(index)
+        if not rel:
+            raise SkipSample(f"row {line} has an empty path")
+        if not caption:
+            raise SkipSample(f"missing caption: row {line} has an empty caption")
+        return SourceItem(
+            index=index,
+            key=self.key_for(index, len(self)),
+            image=(self.base / rel).read_bytes(),
+            label=None,
+            meta={"source": rel, "index": index, "row": line},
+            extras={"txt": caption.encode("utf-8")},
+        )
+
+    def item_path(self, index: int) -> str:
+        line, row = self.rows[index]
+        rel = row[self.columns[0]].strip() if len(row) > self.columns[0] else ""
+        return str(self.base / rel) if rel else f"{self.spec.path}:{line}"
+
 
 # ------------------------------------------------------------------------------------------------
 # Opening
@@ -345,20 +606,23 @@ def _layouts_help(path: Path) -> str:
     return (
         f"valid SOURCE layouts: a known data set name ({', '.join(sorted(datasets.KNOWN_DATASETS))}); "
         f"a directory with IDX files (train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz], "
-        f"t10k-* for the test split); or an ImageFolder tree {path}/<class>/<image>.jpg|png|... "
-        f"(optionally under {path}/train and {path}/test)"
+        f"t10k-* for the test split); an ImageFolder tree {path}/<class>/<image>.jpg|png|... "
+        f"(optionally under {path}/train and {path}/test); a folder of images with a caption file "
+        f"beside each (<name>.jpg + <name>.txt); or a .csv/.tsv file of path,caption rows"
     )
 
 
 def open_source(
-    source: str | os.PathLike[str], split: str = "train", limit: int | None = None
+    source: str | os.PathLike[str], split: str = "train", limit: int | None = None, kind: str | None = None
 ) -> SampleSource:
     """Open a source from a path or a known data set name.
 
     Args:
-        source: a directory (IDX files or ImageFolder tree) or a name such as ``fashion-mnist``.
+        source: a directory (IDX files, caption folder or ImageFolder tree), a ``.csv``/``.tsv``
+            file, or a name such as ``fashion-mnist``.
         split: ``train`` or ``test``.
         limit: keep only the first ``limit`` items (``None``: all).
+        kind: force a source kind (:func:`source_kinds`) instead of detecting the layout.
 
     Returns:
         The opened source.
@@ -381,6 +645,11 @@ def open_source(
     path = path.resolve()
     if path.is_dir() and not any(path.iterdir()):
         raise SourceError(f"empty source: directory {path} is empty; {_layouts_help(path)}")
+    if kind is not None:
+        for cls in _REGISTRY:
+            if cls.kind == kind:
+                return cls.open(path, split, limit)
+        raise SourceError(f"unknown source type {kind!r}; valid: {', '.join(source_kinds())}")
     for cls in _REGISTRY:
         if cls.detect(path, split):
             return cls.open(path, split, limit)

@@ -15,8 +15,12 @@ For random access, a reader needs each member's data offset and size. These come
 
   one line per sample, offsets in bytes to the first byte of the member's *data* (the tar header
   is 512 bytes before it for plain ustar members);
-* or, when the index file is missing or unreadable, a scan of the tar headers
-  (:func:`scan_tar`), which reads only 512-byte headers and seeks over the data.
+* or, when the index file is missing or unreadable, a scan of the tar headers (:func:`scan_tar`), which reads only 512-byte
+  headers and seeks over the data. This is how shards written by other tools (img2dataset, plain
+  ``tar``) are read as they are: the index of a complete, well-formed tar is then written beside
+  it when the directory is writable (atomically, so concurrent readers are safe), and kept in
+  memory otherwise. A tar cut short keeps the index it had: samples past its end read short and
+  count as corrupt.
 """
 
 from __future__ import annotations
@@ -130,12 +134,18 @@ def scan_tar(path: str | os.PathLike[str]) -> list[TarMember]:
     Raises:
         TarIndexError: the file is missing or is not a tar archive.
     """
+    return _scan(path)[0]
+
+
+def _scan(path: str | os.PathLike[str]) -> tuple[list[TarMember], bool]:
+    """Scan a tar; returns (members, whether the archive ended cleanly)."""
     where = os.fspath(path)
     try:
         f = open(where, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise TarIndexError(f"cannot open tar shard {where}: {exc.strerror}") from exc
     members: list[TarMember] = []
+    complete = False
     with f:
         file_size = os.fstat(f.fileno()).st_size
         pos = 0
@@ -144,8 +154,11 @@ def scan_tar(path: str | os.PathLike[str]) -> list[TarMember]:
         while pos + BLOCK <= file_size:
             f.seek(pos)
             header = f.read(BLOCK)
-            if len(header) < BLOCK or header == b"\0" * BLOCK:
-                break  # end-of-archive marker (or truncated header)
+            if len(header) < BLOCK:
+                break  # truncated header
+            if header == b"\0" * BLOCK:
+                complete = True  # end-of-archive marker
+                break
             stored = _parse_number(header[148:156], "checksum", where)
             computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
             if stored != computed:
@@ -182,7 +195,11 @@ def scan_tar(path: str | os.PathLike[str]) -> list[TarMember]:
             if typeflag in (b"0", b"\0", b"7"):  # regular file (old and new style, contiguous)
                 members.append(TarMember(name=name, offset=data_offset, size=size))
             pos = data_offset + padded
-    return members
+        if pos == file_size:  # archives without an end marker, ending on a member boundary
+            complete = True
+    if members and members[-1].offset + members[-1].size > file_size:
+        complete = False
+    return members, complete
 
 
 def group_samples(members: Iterable[TarMember], where: str = "") -> list[SampleEntry]:
@@ -305,16 +322,24 @@ def read_dali_index(path: str | os.PathLike[str]) -> list[SampleEntry]:
 
 
 def load_index(
-    tar_path: str | os.PathLike[str], idx_path: str | os.PathLike[str] | None = None
+    tar_path: str | os.PathLike[str],
+    idx_path: str | os.PathLike[str] | None = None,
+    *,
+    write_missing: bool = True,
 ) -> list[SampleEntry]:
     """The samples of a shard: from its index file when readable, else by scanning the tar.
 
     Args:
         tar_path: the shard.
         idx_path: its index file; default: the shard path with ``.idx`` instead of ``.tar``.
+        write_missing: after scanning a complete tar, write its index file when possible (a
+            read-only directory is fine: the index then lives in memory only).
 
     Returns:
         The samples in archive order.
+
+    Raises:
+        TarIndexError: the tar is missing or is not a tar archive.
     """
     tar_path = Path(tar_path)
     idx = Path(idx_path) if idx_path is not None else tar_path.with_suffix(".idx")
@@ -331,4 +356,14 @@ def load_index(
                     s.problem = f"duplicate key {s.key!r} (an earlier sample of this shard has it)"
                 seen.add(s.key)
             return samples
-    return group_samples(scan_tar(tar_path), where=str(tar_path))
+        write_missing = False  # never overwrite an index file someone else wrote
+    members, complete = _scan(tar_path)
+    samples = group_samples(members, where=str(tar_path))
+    # Only a complete, problem-free scan is persisted: an index cannot record duplicate members.
+    if write_missing and complete and samples and not any(s.problem for s in samples):
+        try:
+            write_dali_index(idx, samples)
+            log.info("wrote index %s for %s (%d samples)", idx, tar_path, len(samples))
+        except OSError as exc:  # read-only data set: keep the index in memory
+            log.info("cannot write index %s (%s); keeping it in memory", idx, exc.strerror or exc)
+    return samples

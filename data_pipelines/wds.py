@@ -1,10 +1,16 @@
-"""The WebDataset reader: a deterministic, resumable, infinite stream of collated batches.
+"""The slot stream: a deterministic, resumable, infinite stream of batches from WebDataset shards.
+
+This module decides *which* samples every batch holds and seeds *every* random augmentation
+decision; the pixels are then produced by the CPU renderer here (``data.backend=wds``) or by the
+DALI graph of :mod:`data_pipelines.dali` (``data.backend=dali``), which share :class:`SlotBatches`.
 
 Design (the stream is a pure function of ``(seed, batch number, rank, world_size, num_workers)``):
 
 * **Slots.** With ``W`` ranks and ``N`` loader workers per rank (``N = 0`` counts as one), there
   are ``W * N`` slots; slot ``s = rank * N + worker`` owns the shards ``k`` with
   ``k % (W * N) == s``. Slots never share a shard, so ranks never see the same sample in a step.
+  The DALI backend has no worker processes but plays the same ``N`` slots in turn, so both
+  backends read the same stream for the same config.
 * **Slot stream.** Each slot reads an infinite sequence of sample positions ``p = 0, 1, ...``.
   Epoch ``e`` visits the slot's shards in a permutation seeded by ``(seed, slot, e)`` and the
   samples of each shard in a permutation seeded by ``(seed, slot, e, shard)``. Position ``p`` is
@@ -17,12 +23,22 @@ Design (the stream is a pure function of ``(seed, batch number, rank, world_size
   (DataLoader hands out batches round-robin from worker 0), starting at its batch
   ``(b0 + w) // N``.
 * **Augmentation.** Sample position ``p`` of slot ``s`` is augmented with a ``torch.Generator``
-  seeded by ``derive_seed(seed, s, p)``; no global RNG state is used.
-* **Corrupt samples** (undecodable, empty, truncated, missing image or label, duplicate key) are
-  logged once, counted, and replaced by another good sample of the same batch (augmented with the
-  corrupt position's generator), so positions stay aligned; when a worker's running corrupt
-  fraction exceeds ``max_corrupt_fraction`` after at least :data:`MIN_SAMPLES_FOR_FRACTION`
-  samples, :class:`CorruptDataError` stops the job.
+  seeded by ``derive_seed(seed, s, p)``, from which :func:`data_pipelines.augment.sample_view_params`
+  draws every view's parameters; no global RNG state is used.
+* **Corrupt samples** (undecodable, empty, truncated, missing image, label or caption, duplicate
+  key) are logged once with shard and key, counted (``num_corrupt`` of the batch), and replaced by
+  another good sample of the same batch (augmented with the corrupt position's generator), so
+  positions stay aligned; when a slot's running corrupt fraction exceeds ``max_corrupt_fraction``
+  after at least :data:`MIN_SAMPLES_FOR_FRACTION` samples, :class:`CorruptDataError` stops the job.
+
+Resuming with a different world size (or ``num_workers``): the run continues at the same global
+step ``s``; rank ``r`` of the new ``W'`` ranks starts at batch ``s * accum_steps`` of the
+``W' x N'`` slot split, i.e. it reads exactly what a fresh ``W'``-rank run would read from step
+``s`` on. Consequences (tested): every sample still comes from the new rank's own shards; no
+sample appears twice within a step; each slot is at the epoch a ``W'``-rank run would have reached
+at step ``s`` (so the number of passes over the data is kept, up to rounding), but the samples are
+not the ones the ``W``-rank run would have read next, and some samples of the interrupted epoch
+may be seen again or skipped once.
 """
 
 from __future__ import annotations
@@ -36,7 +52,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -45,7 +61,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipelines.augment import ViewSpec, apply_views
+from data_pipelines.augment import ViewParams, ViewSpec, render_view, sample_views_params, to_uint8_tensor
 from data_pipelines.tar_index import SampleEntry, TarIndexError, load_index
 
 log = logging.getLogger(__name__)
@@ -292,8 +308,13 @@ class ShardReader:
             self._files.move_to_end(i)
         return f
 
-    def read(self, i: int, j: int) -> tuple[str, dict[str, bytes]]:
+    def read(self, i: int, j: int, wanted: Collection[str] | None = None) -> tuple[str, dict[str, bytes]]:
         """Read sample ``j`` of shard ``i``.
+
+        Args:
+            i: shard index.
+            j: sample index in the shard.
+            wanted: read only these member extensions (``None``: all members).
 
         Returns:
             (key, extension -> bytes).
@@ -307,6 +328,8 @@ class ShardReader:
         f = self._file(i)
         out = {}
         for ext, member in entry.components.items():
+            if wanted is not None and ext not in wanted:
+                continue
             f.seek(member.offset)
             data = f.read(member.size)
             if len(data) != member.size:
@@ -318,6 +341,98 @@ class ShardReader:
         """Close cached file handles."""
         while self._files:
             self._files.popitem()[1].close()
+
+
+@dataclass
+class Sample:
+    """One usable sample of the stream, ready for a renderer.
+
+    Attributes:
+        key: ``"<shard>/<key>"``.
+        location: (shard index, sample index) in the reader.
+        image: the encoded image bytes.
+        height: image height in pixels.
+        width: image width in pixels.
+        label: class index (-1 when unknown).
+        caption: the caption text when captions are read, else ``None``.
+        pixels: decoded uint8 [C, H, W] pixels (CPU renderer only).
+    """
+
+    key: str
+    location: tuple[int, int]
+    image: bytes
+    height: int
+    width: int
+    label: int = -1
+    caption: str | None = None
+    pixels: torch.Tensor | None = None
+
+
+def parse_sample(
+    components: dict[str, bytes], *, require_label: bool, text_key: str = ""
+) -> tuple[str, bytes, int, str | None]:
+    """Check a sample's members and extract its image bytes, label and caption (no decoding).
+
+    Args:
+        components: extension -> bytes.
+        require_label: a missing ``cls`` member makes the sample corrupt (else label -1).
+        text_key: member extension of the caption (``"txt"``); empty: captions are not read.
+
+    Returns:
+        (image extension, image bytes, label, caption or ``None``).
+
+    Raises:
+        CorruptSample: no image member, empty image, bad or missing label, missing or empty caption.
+    """
+    ext = next((e for e in IMAGE_EXTS if e in components), None)
+    if ext is None:
+        raise CorruptSample(f"no image member (has: {', '.join(sorted(components)) or 'nothing'})")
+    data = components[ext]
+    if not data:
+        raise CorruptSample(f"empty {ext} member (0 bytes)")
+    label = -1
+    raw = components.get("cls")
+    if raw is None:
+        if require_label:
+            raise CorruptSample("missing cls member (the data set is labelled)")
+    else:
+        try:
+            label = int(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise CorruptSample(f"cls member {raw[:20]!r} is not an ASCII integer") from None
+    caption = None
+    if text_key:
+        blob = components.get(text_key)
+        if blob is None:
+            raise CorruptSample(f"missing caption: no {text_key} member")
+        try:
+            caption = blob.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CorruptSample(f"caption member {text_key} is not UTF-8 text") from None
+        if not caption:
+            raise CorruptSample(f"empty caption ({text_key} member)")
+    return ext, data, label, caption
+
+
+def decode_image(data: bytes, ext: str) -> Image.Image:
+    """Fully decode an encoded image with PIL.
+
+    Args:
+        data: the file bytes.
+        ext: its member extension (for messages).
+
+    Returns:
+        The decoded image.
+
+    Raises:
+        CorruptSample: undecodable or truncated data.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # PIL raises many types for bad data
+        raise CorruptSample(f"cannot decode {ext}: {type(exc).__name__}: {exc}") from None
+    return image
 
 
 def decode_sample(components: dict[str, bytes], require_label: bool) -> tuple[Image.Image, int]:
@@ -333,26 +448,8 @@ def decode_sample(components: dict[str, bytes], require_label: bool) -> tuple[Im
     Raises:
         CorruptSample: no image member, empty or undecodable image, bad or missing label.
     """
-    ext = next((e for e in IMAGE_EXTS if e in components), None)
-    if ext is None:
-        raise CorruptSample(f"no image member (has: {', '.join(sorted(components)) or 'nothing'})")
-    data = components[ext]
-    if not data:
-        raise CorruptSample(f"empty {ext} member (0 bytes)")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as exc:  # PIL raises many types for bad data
-        raise CorruptSample(f"cannot decode {ext}: {type(exc).__name__}: {exc}") from None
-    raw = components.get("cls")
-    if raw is None:
-        if require_label:
-            raise CorruptSample("missing cls member (the data set is labelled)")
-        return image, -1
-    try:
-        return image, int(raw.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise CorruptSample(f"cls member {raw[:20]!r} is not an ASCII integer") from None
+    ext, data, label, _ = parse_sample(components, require_label=require_label)
+    return decode_image(data, ext), label
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,7 +508,7 @@ class SlotStream:
 
 
 # ------------------------------------------------------------------------------------------------
-# The iterable dataset
+# Batch planning, shared by both backends
 
 
 @dataclass
@@ -422,13 +519,31 @@ class _CorruptStats:
     logged: set[tuple[str, str]] = field(default_factory=set)
 
 
-class WdsBatches(IterableDataset):
-    """Infinite stream of collated batches for one rank (see the module docstring).
+@dataclass
+class PlannedBatch:
+    """Which samples a batch holds and which generator position augments each.
 
-    Each DataLoader worker (or the main process when ``num_workers == 0``) yields whole batches::
+    Attributes:
+        slot: global slot id the batch comes from.
+        n: batch number within the slot.
+        samples: ``B`` samples; corrupt positions hold a replacement from the same batch.
+        positions: ``B`` slot positions; position ``p`` seeds the augmentation of entry ``i``.
+        num_corrupt: corrupt samples that were replaced.
+    """
 
-        {"images": [FloatTensor[B, 3, S, S] per view], "label": LongTensor[B], "num_corrupt": int,
-         "keys": [str] * B  (only with return_keys)}
+    slot: int
+    n: int
+    samples: list[Sample]
+    positions: list[int]
+    num_corrupt: int
+
+
+class SlotBatches:
+    """The slot-based batch stream of one rank, independent of how pixels are produced.
+
+    Subclasses choose how an image is checked (:meth:`prepare`) and rendered; both backends use
+    :meth:`plan`, so they read the same samples in the same order, replace the same corrupt ones,
+    and seed every augmentation identically (see the module docstring).
 
     Args:
         shard_set: resolved shards.
@@ -436,12 +551,18 @@ class WdsBatches(IterableDataset):
         batch_size: samples per batch (per rank).
         rank: this rank.
         world_size: number of ranks.
-        num_workers: DataLoader workers per rank (0: the main process plays one slot).
+        num_workers: loader slots per rank (0 counts as one).
         seed: run seed.
         start_batch: number of the first batch to produce.
-        max_corrupt_fraction: stop when a worker's corrupt fraction exceeds this.
+        max_corrupt_fraction: stop when a slot's corrupt fraction exceeds this.
         require_labels: treat samples without ``cls`` as corrupt.
+        text_key: caption member extension; empty: no captions (no ``text`` in batches).
+        context_length: caption token length (``text`` is int64 [B, context_length]).
         return_keys: add ``keys`` (``"<shard>/<key>"`` per sample) to each batch.
+
+    Raises:
+        ShardSpecError: fewer shards than ``world_size * max(1, num_workers)`` slots, or a slot
+            whose shards are all empty.
     """
 
     def __init__(
@@ -457,9 +578,10 @@ class WdsBatches(IterableDataset):
         start_batch: int = 0,
         max_corrupt_fraction: float = 0.01,
         require_labels: bool = False,
+        text_key: str = "",
+        context_length: int = 77,
         return_keys: bool = False,
     ) -> None:
-        super().__init__()
         self.shard_set = shard_set
         self.views = list(views)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -467,6 +589,9 @@ class WdsBatches(IterableDataset):
         self.seed, self.start_batch = seed, start_batch
         self.max_corrupt_fraction = max_corrupt_fraction
         self.require_labels, self.return_keys = require_labels, return_keys
+        self.text_key, self.context_length = text_key, context_length
+        self.known_bad: dict[tuple[int, int], str] = {}
+        self.wanted = frozenset({*IMAGE_EXTS, "cls", *([text_key] if text_key else [])})  # never the json
         self.num_slots = world_size * self.workers
         if len(shard_set.shards) < self.num_slots:
             raise ShardSpecError(
@@ -481,6 +606,10 @@ class WdsBatches(IterableDataset):
                 raise ShardSpecError(
                     f"loader slot {slot} (rank {rank}, worker {worker}) owns only empty shards"
                 )
+        if text_key:
+            from data_pipelines.tokenizer import get_tokenizer
+
+            get_tokenizer()  # load once here: forked worker processes inherit it
 
     def slot_id(self, worker: int) -> int:
         """Global slot id of this rank's ``worker``."""
@@ -490,20 +619,52 @@ class WdsBatches(IterableDataset):
         """Indices of the shards owned by ``slot``."""
         return list(range(slot, len(self.shard_set.shards), self.num_slots))
 
-    def batch(self, stream: SlotStream, n: int, stats: _CorruptStats) -> dict[str, Any]:
-        """Collate the ``n``-th batch of a slot stream (positions ``[n * B, (n + 1) * B)``)."""
-        positions = range(n * self.batch_size, (n + 1) * self.batch_size)
-        decoded: list[tuple[Image.Image, int, str] | None] = []
+    def slot_stream(self, slot: int) -> SlotStream:
+        """The position -> sample map of ``slot``."""
+        return SlotStream(self.reader, self.slot_shards(slot), self.seed, slot)
+
+    def generator(self, slot: int, position: int) -> torch.Generator:
+        """The generator that draws the augmentation of ``position`` of ``slot``."""
+        return torch.Generator().manual_seed(derive_seed(_TAG_AUGMENT, self.seed, slot, position))
+
+    def prepare(self, ext: str, data: bytes) -> tuple[int, int, bytes, torch.Tensor | None]:
+        """Check an image for the renderer: (height, width, bytes to use, decoded pixels or None).
+
+        The CPU renderer decodes fully here (PIL); raises :class:`CorruptSample` when it cannot.
+        """
+        pixels = to_uint8_tensor(decode_image(data, ext))
+        return int(pixels.shape[1]), int(pixels.shape[2]), data, pixels
+
+    def plan(self, stream: SlotStream, n: int, stats: _CorruptStats) -> PlannedBatch:
+        """Read and check the ``n``-th batch of a slot stream (positions ``[n * B, (n + 1) * B)``)."""
+        positions = list(range(n * self.batch_size, (n + 1) * self.batch_size))
+        found: list[Sample | None] = []
         for p in positions:
             shard_i, sample_j = stream.locate(p)
             shard_name = self.reader.shards[shard_i].name
             key = self.reader.index(shard_i)[sample_j].key
             try:
-                key, components = self.reader.read(shard_i, sample_j)
-                image, label = decode_sample(components, self.require_labels)
-                decoded.append((image, label, f"{shard_name}/{key}"))
+                if (shard_i, sample_j) in self.known_bad:
+                    raise CorruptSample(self.known_bad[(shard_i, sample_j)])
+                key, components = self.reader.read(shard_i, sample_j, self.wanted)
+                ext, data, label, caption = parse_sample(
+                    components, require_label=self.require_labels, text_key=self.text_key
+                )
+                height, width, data, pixels = self.prepare(ext, data)
+                found.append(
+                    Sample(
+                        f"{shard_name}/{key}",
+                        (shard_i, sample_j),
+                        data,
+                        height,
+                        width,
+                        label,
+                        caption,
+                        pixels,
+                    )
+                )
             except CorruptSample as exc:
-                decoded.append(None)
+                found.append(None)
                 stats.corrupt += 1
                 stats.by_shard[shard_name] = stats.by_shard.get(shard_name, 0) + 1
                 if (shard_name, key) not in stats.logged:
@@ -512,38 +673,20 @@ class WdsBatches(IterableDataset):
                         "corrupt sample %s in shard %s: %s", key, self.reader.shards[shard_i].path, exc
                     )
         stats.seen += len(positions)
-        good = [i for i, d in enumerate(decoded) if d is not None]
-        num_corrupt = len(positions) - len(good)
+        good = [s for s in found if s is not None]
         if not good:
             raise CorruptDataError(
                 f"every sample of batch {n} of loader slot {stream.slot} is corrupt "
                 f"(shards: {', '.join(sorted(stats.by_shard))}); check the data"
             )
         self._check_fraction(stats, stream.slot)
-        per_view: list[list[torch.Tensor]] = [[] for _ in self.views]
-        labels, keys = [], []
-        replacement = 0
-        for i, p in enumerate(positions):
-            item = decoded[i]
-            if item is None:
-                item = decoded[good[replacement % len(good)]]
+        samples, replacement = [], 0
+        for item in found:
+            if item is None:  # a good sample of the same batch, augmented with this position's generator
+                item = good[replacement % len(good)]
                 replacement += 1
-            assert item is not None
-            image, label, key = item
-            gen = torch.Generator()
-            gen.manual_seed(derive_seed(_TAG_AUGMENT, self.seed, stream.slot, p))
-            for v, tensor in enumerate(apply_views(image, self.views, gen)):
-                per_view[v].append(tensor)
-            labels.append(label)
-            keys.append(key)
-        out: dict[str, Any] = {
-            "images": [torch.stack(ts) for ts in per_view],
-            "label": torch.tensor(labels, dtype=torch.int64),
-            "num_corrupt": num_corrupt,
-        }
-        if self.return_keys:
-            out["keys"] = keys
-        return out
+            samples.append(item)
+        return PlannedBatch(stream.slot, n, samples, positions, len(positions) - len(good))
 
     def _check_fraction(self, stats: _CorruptStats, slot: int) -> None:
         if stats.seen >= MIN_SAMPLES_FOR_FRACTION and stats.corrupt > self.max_corrupt_fraction * stats.seen:
@@ -556,6 +699,54 @@ class WdsBatches(IterableDataset):
                 f"(python -m data_pipelines.build_shards), or raise data.max_corrupt_fraction"
             )
 
+    def host_fields(self, plan: PlannedBatch) -> dict[str, Any]:
+        """The batch entries that do not depend on pixels: label, text, num_corrupt, keys."""
+        out: dict[str, Any] = {
+            "label": torch.tensor([s.label for s in plan.samples], dtype=torch.int64),
+            "num_corrupt": plan.num_corrupt,
+        }
+        if self.text_key:
+            from data_pipelines.tokenizer import tokenize
+
+            out["text"] = tokenize([s.caption or "" for s in plan.samples], self.context_length)
+        if self.return_keys:
+            out["keys"] = [s.key for s in plan.samples]
+        return out
+
+    def view_params(self, plan: PlannedBatch) -> list[list[ViewParams]]:
+        """Per sample, the parameters of every view, drawn from the sample position's generator."""
+        return [
+            sample_views_params(s.height, s.width, self.views, self.generator(plan.slot, p))
+            for s, p in zip(plan.samples, plan.positions, strict=True)
+        ]
+
+
+# ------------------------------------------------------------------------------------------------
+# The CPU backend
+
+
+class WdsBatches(SlotBatches, IterableDataset):
+    """Infinite stream of collated batches for one rank, rendered on the CPU (torchvision).
+
+    Each DataLoader worker (or the main process when ``num_workers == 0``) plays one slot and
+    yields whole batches (see :mod:`data_pipelines.loader` for the batch contract). Arguments as
+    :class:`SlotBatches`.
+    """
+
+    def __init__(self, shard_set: ShardSet, views: Sequence[ViewSpec], **kwargs: Any) -> None:
+        SlotBatches.__init__(self, shard_set, views, **kwargs)
+        IterableDataset.__init__(self)
+
+    def batch(self, stream: SlotStream, n: int, stats: _CorruptStats) -> dict[str, Any]:
+        """Collate the ``n``-th batch of a slot stream."""
+        plan = self.plan(stream, n, stats)
+        per_view: list[list[torch.Tensor]] = [[] for _ in self.views]
+        for sample, params in zip(plan.samples, self.view_params(plan), strict=True):
+            assert sample.pixels is not None
+            for v, (spec, prm) in enumerate(zip(self.views, params, strict=True)):
+                per_view[v].append(render_view(sample.pixels, spec, prm))
+        return {"images": [torch.stack(ts) for ts in per_view], **self.host_fields(plan)}
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         loader_worker = info.id if info is not None else 0
@@ -563,8 +754,7 @@ class WdsBatches(IterableDataset):
             raise RuntimeError(f"dataset built for {self.workers} workers runs in {info.num_workers}")
         plays = (self.start_batch + loader_worker) % self.workers
         n = (self.start_batch + loader_worker) // self.workers
-        slot = self.slot_id(plays)
-        stream = SlotStream(self.reader, self.slot_shards(slot), self.seed, slot)
+        stream = self.slot_stream(self.slot_id(plays))
         stats = _CorruptStats()
         try:
             while True:

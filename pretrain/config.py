@@ -114,6 +114,8 @@ RESUME_SAFE_KEYS = frozenset(
         "train.export_every",
         "data.prefetch_factor",
         "data.shards",
+        "data.dali_threads",
+        "data.dali_hw_decoder_load",
         "engine.timeout_s",
         "engine.reshard_after_forward",
         "resume.allow_config_change",

@@ -131,9 +131,9 @@ def test_configuration_errors(shards: Path, tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match=r"data.shards is empty"):
         build_loader(LoaderConfig(), VIEWS, batch_size=4, rank=0, world_size=1, seed=0)
-    with pytest.raises(ValueError, match=r"backend 'dali' is not available"):
+    with pytest.raises(ValueError, match=r"backend 'ffcv' is not available; valid: wds, dali, synthetic"):
         build_loader(
-            LoaderConfig(backend="dali", shards=str(shards)),
+            LoaderConfig(backend="ffcv", shards=str(shards)),
             VIEWS,
             batch_size=4,
             rank=0,
