@@ -16,6 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["pretrain*", "data_pipelines*", "launch*", "evals*"]),
+    package_data={"evals": ["templates/*.txt"]},
     install_requires=[
         "torch>=2.11",
         "torchvision>=0.26",

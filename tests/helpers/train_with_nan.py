@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pretrain import train  # noqa: E402
-from pretrain.methods import register_method  # noqa: E402
-from pretrain.methods.mae import MAE, MAEConfig  # noqa: E402
+from pretrain import train
+from pretrain.methods import register_method
+from pretrain.methods.mae import MAE, MAEConfig
 
 BAD_RANK, BAD_STEP = int(sys.argv[1]), int(sys.argv[2])
 
