@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from evals.errors import EvalInputError
+from pretrain.config import unknown_key_message  # config helper only, no trainer internals
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "eval"
@@ -152,25 +153,8 @@ def unknown_protocol_message(name: str, valid: list[str]) -> str:
     return f"unknown protocol '{name}'{hint} Valid protocols: {', '.join(valid)} (files in {CONFIG_DIR})"
 
 
-def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for k in node:
-        full = f"{prefix}{k}"
-        keys.append(full)
-        child = node._get_node(k)
-        if isinstance(child, DictConfig):
-            keys.extend(_all_keys(child, full + "."))
-    return keys
-
-
 def _nearest_key_error(schema: DictConfig, bad_key: str, where: str) -> EvalInputError:
-    valid = _all_keys(schema)
-    prefix = bad_key.rsplit(".", 1)[0] + "." if "." in bad_key else ""
-    siblings = [k for k in valid if k.startswith(prefix) and "." not in k[len(prefix) :]]
-    close = difflib.get_close_matches(bad_key, siblings or valid, n=1, cutoff=0.4)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    listing = f" Valid keys here: {', '.join(sorted(siblings))}" if siblings else ""
-    return EvalInputError(f"{where}: unknown key '{bad_key}'{hint}{listing}")
+    return EvalInputError(unknown_key_message(schema, bad_key, where))
 
 
 def _merge(base: DictConfig, layer: DictConfig, where: str) -> DictConfig:

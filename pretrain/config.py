@@ -138,16 +138,19 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _nearest_key_error(schema: DictConfig, bad_key: str, where: str) -> ConfigError:
+def unknown_key_message(schema: DictConfig, bad_key: str, where: str) -> str:
+    """``<where>: unknown key 'a.b'; did you mean 'a.c'? Valid keys here: ...`` for any OmegaConf schema."""
     valid = _all_keys(schema)
     prefix = bad_key.rsplit(".", 1)[0] + "." if "." in bad_key else ""
     siblings = [k for k in valid if k.startswith(prefix) and "." not in k[len(prefix) :]]
     close = difflib.get_close_matches(bad_key, siblings or valid, n=1, cutoff=0.4)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    listing = ", ".join(sorted(siblings)) if siblings else ""
-    return ConfigError(
-        f"{where}: unknown key '{bad_key}'{hint}" + (f" Valid keys here: {listing}" if listing else "")
-    )
+    listing = f" Valid keys here: {', '.join(sorted(siblings))}" if siblings else ""
+    return f"{where}: unknown key '{bad_key}'{hint}{listing}"
+
+
+def _nearest_key_error(schema: DictConfig, bad_key: str, where: str) -> ConfigError:
+    return ConfigError(unknown_key_message(schema, bad_key, where))
 
 
 def _schema_for(method_name: str | None) -> DictConfig:
