@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from evals.clip import load_clip
 from evals.context import EvalContext, register_protocol
 from evals.errors import EvalInputError
-from evals.features import encode_dataset
+from evals.zeroshot import encode_test_images
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +69,7 @@ def run(ctx: EvalContext) -> dict[str, Any] | None:
     """Recall@K of a CLIP export on the test split's images and captions."""
     model, tokenizer = load_clip(ctx.export)
     model = model.to(ctx.device)
-    out = encode_dataset(
-        lambda images: {"embed": model.encode_image(images)},
-        ctx.test_data,
-        ctx.transform,
-        ctx.env,
-        empty={"embed": torch.zeros(0, model.visual_proj.out_features)},
-        batch_size=ctx.cfg.data.batch_size,
-        num_workers=ctx.cfg.data.num_workers,
-        amp=ctx.cfg.features.amp,
-        progress=ctx.progress,
-        desc="test images",
-    )
+    out = encode_test_images(ctx, model)
     if not ctx.env.is_main:
         return None
     captions_by_index = ctx.test_data.captions()

@@ -87,6 +87,22 @@ def zeroshot_accuracy(
     return accuracy(logits, labels)
 
 
+def encode_test_images(ctx: EvalContext, model: ClipModel) -> dict[str, torch.Tensor]:
+    """CLIP image embeddings (``embed``) of the test split, split over ranks, gathered in sample order."""
+    return encode_dataset(
+        lambda images: {"embed": model.encode_image(images)},
+        ctx.test_data,
+        ctx.transform,
+        ctx.env,
+        empty={"embed": torch.zeros(0, model.visual_proj.out_features)},
+        batch_size=ctx.cfg.data.batch_size,
+        num_workers=ctx.cfg.data.num_workers,
+        amp=ctx.cfg.features.amp,
+        progress=ctx.progress,
+        desc="test images",
+    )
+
+
 @register_protocol("zeroshot")
 def run(ctx: EvalContext) -> dict[str, Any] | None:
     """Zero-shot accuracy of a CLIP export on the test split (class names from the manifest or config)."""
@@ -103,18 +119,7 @@ def run(ctx: EvalContext) -> dict[str, Any] | None:
         check_templates(templates, "zeroshot.template_list")
     else:
         templates = load_templates(str(cfg.templates))
-    out = encode_dataset(
-        lambda images: {"embed": model.encode_image(images)},
-        ctx.test_data,
-        ctx.transform,
-        ctx.env,
-        empty={"embed": torch.zeros(0, model.visual_proj.out_features)},
-        batch_size=ctx.cfg.data.batch_size,
-        num_workers=ctx.cfg.data.num_workers,
-        amp=ctx.cfg.features.amp,
-        progress=ctx.progress,
-        desc="test images",
-    )
+    out = encode_test_images(ctx, model)
     if not ctx.env.is_main:
         return None
     labels = out["labels"]
