@@ -42,9 +42,9 @@ system-deps:
 	fi
 
 $(SHARDS)/train/manifest.json: | install system-deps
-	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(SHARDS)/train --split train --shard-size 2000
+	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(SHARDS)/train --split train --shard-size 2000 --image-format pnm
 $(SHARDS)/test/manifest.json: | install system-deps
-	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(SHARDS)/test --split test --shard-size 2000
+	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(SHARDS)/test --split test --shard-size 2000 --image-format pnm
 
 data: $(SHARDS)/train/manifest.json $(SHARDS)/test/manifest.json
 
@@ -55,9 +55,9 @@ DEMO_EXPORT := $(DEMO_RUN)/exports/latest
 DEMO_LINEAR := linear.batch_size=1024 linear.blr=10
 
 $(EVAL_DATA)/train/manifest.json: | install system-deps
-	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(EVAL_DATA)/train --split train --limit 10000 --shard-size 2000
+	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(EVAL_DATA)/train --split train --limit 10000 --shard-size 2000 --image-format pnm
 $(EVAL_DATA)/test/manifest.json: | install system-deps
-	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(EVAL_DATA)/test --split test --limit 2000 --shard-size 1000
+	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(EVAL_DATA)/test --split test --limit 2000 --shard-size 1000 --image-format pnm
 
 # Pretrain, then k-NN and linear probe of the export against a randomly initialised encoder of the same size.
 demo: install system-deps data $(EVAL_DATA)/train/manifest.json $(EVAL_DATA)/test/manifest.json

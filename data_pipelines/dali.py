@@ -6,7 +6,7 @@ Division of work (one source of truth for the data order and the randomness):
   for batch ``b`` it plans exactly the samples the ``wds`` backend would (same slots, positions,
   corrupt-sample replacement), reads their encoded bytes from the shards, checks each image's
   header (:func:`probe_image`: format, size, truncation; no pixel decoding), and draws every view's
-  :class:`~data_pipelines.augment.ViewParams` from the same per-sample generator as the CPU path.
+  :class:`~data_pipelines.augment.ViewParams` from the same per-sample uniforms as the CPU path.
   Labels, captions (tokenized) and keys never enter DALI.
 * **DALI graph.** Encoded bytes and per-sample parameters enter through ``fn.external_source``;
   DALI decodes (``device="mixed"``, nvJPEG / the hardware JPEG decoder, on a GPU; its CPU decoders
@@ -65,6 +65,7 @@ from data_pipelines.augment import (
     ViewSpec,
     blur_radius,
 )
+from data_pipelines.pnm import parse_header
 from data_pipelines.wds import (
     CorruptSample,
     PlannedBatch,
@@ -160,12 +161,15 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _fast_size(data: bytes) -> tuple[str, int, int] | None:
-    """(format, height, width) of a JPEG or PNG from its header bytes alone; ``None`` otherwise."""
+    """(format, height, width) of a JPEG, PNG or binary PGM/PPM from its header alone; else ``None``."""
     if data[:3] == b"\xff\xd8\xff":
         size = _jpeg_size(data)
         return ("JPEG", *size) if size else None
     if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
         return "PNG", int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    pnm = parse_header(data)
+    if pnm is not None:
+        return "PPM", pnm.height, pnm.width
     return None
 
 
@@ -213,6 +217,11 @@ def probe_image(data: bytes, ext: str) -> tuple[int, int, bytes]:
     tail = data[-_TAIL:]
     if (fmt == "JPEG" and b"\xff\xd9" not in tail) or (fmt == "PNG" and b"IEND" not in tail):
         decode_image(data, ext)  # raises CorruptSample for a truncated file
+    pnm = parse_header(data) if fmt == "PPM" else None
+    if pnm is not None and len(data) < pnm.offset + pnm.raster_bytes:
+        raise CorruptSample(
+            f"{ext} raster is truncated ({len(data) - pnm.offset} of {pnm.raster_bytes} bytes)"
+        )
     return height, width, data
 
 

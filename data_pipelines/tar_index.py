@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +40,15 @@ DALI_INDEX_VERSION = "v1.2"
 _KNOWN_VERSIONS = ("v1.0", "v1.1", "v1.2")
 
 
+_DIGITS = re.compile(r"[0-9]+(?: [0-9]+)*")
+
+
 class TarIndexError(ValueError):
     """A tar shard or its index file cannot be read."""
 
 
-@dataclass(frozen=True)
-class TarMember:
-    """One regular file in a tar archive.
+class TarMember(NamedTuple):
+    """One regular file in a tar archive (a named tuple: indexes hold millions of them).
 
     Attributes:
         name: member path inside the archive.
@@ -305,18 +309,15 @@ def read_dali_index(path: str | os.PathLike[str]) -> list[SampleEntry]:
         tokens = line.split(" ")
         if len(tokens) % width:
             raise TarIndexError(f"{where}:{lineno}: expected groups of {width} fields, got {len(tokens)}")
-        entry: SampleEntry | None = None
-        for i in range(0, len(tokens), width):
-            ext, offset, size = tokens[i], tokens[i + 1], tokens[i + 2]
-            if not (offset.isdigit() and size.isdigit()):
-                raise TarIndexError(f"{where}:{lineno}: offset/size {offset!r}/{size!r} are not integers")
-            name = tokens[i + 3] if width == 4 else f"?.{ext}"
-            key = split_name(name)[0] if width == 4 else f"#{len(samples)}"
-            if entry is None:
-                entry = SampleEntry(key=key)
-            entry.components[ext] = TarMember(name=name, offset=int(offset), size=int(size))
-        if entry is None:
-            raise TarIndexError(f"{where}:{lineno}: empty sample line")
+        offsets, sizes = tokens[1::width], tokens[2::width]
+        if not _DIGITS.fullmatch(" ".join(offsets + sizes)):
+            raise TarIndexError(f"{where}:{lineno}: offsets/sizes {offsets}/{sizes} are not all integers")
+        exts = tokens[0::width]
+        names = tokens[3::width] if width == 4 else [f"?.{ext}" for ext in exts]
+        key = split_name(names[0])[0] if width == 4 else f"#{len(samples)}"
+        entry = SampleEntry(key=key)
+        for ext, name, offset, size in zip(exts, names, offsets, sizes, strict=True):
+            entry.components[ext] = TarMember(name, int(offset), int(size))
         samples.append(entry)
     return samples
 

@@ -83,7 +83,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2,000 real Fashion-MNIST training images in 8 shards (built once per test session)."""
+    """2,000 real Fashion-MNIST training images in 8 shards of PGM files, as ``make data`` builds them."""
     out = tmp_path_factory.mktemp("fmnist") / "train"
     run_cmd(
         [
@@ -98,6 +98,8 @@ def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "2000",
             "--shard-size",
             "250",
+            "--image-format",
+            "pnm",
         ],
         timeout=600,
     )

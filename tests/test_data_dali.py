@@ -171,9 +171,12 @@ def test_batch_contract_is_the_same_for_both_backends(photo_shards: Path) -> Non
         (mae_views(32), 0.6, 3.0),
         (clip_views(32), 0.6, 3.0),
         # Hue: torchvision shifts hue in HSV, DALI rotates about the grey axis (see data_pipelines.dali);
-        # without hue only rounding, resampling and the single final clamp differ.
+        # without hue only rounding, resampling and the single final clamp differ. The clamp dominates
+        # the 99th percentile: a view brightened by 1.3 (saturating) and then given contrast 0.8 differs by
+        # ~20 levels in its bright pixels (torchvision clamps between the ops), so the bound depends on how
+        # many such views the 48 samples draw.
         (dino_views(32, 16, n_local=2), 5.0, 30.0),
-        (dino_views(32, 16, n_local=2, hue=0.0), 0.8, 10.0),
+        (dino_views(32, 16, n_local=2, hue=0.0), 0.8, 15.0),
     ],
     ids=["mae", "clip", "dino", "dino-no-hue"],
 )

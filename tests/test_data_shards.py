@@ -403,12 +403,17 @@ def test_scan_tar_handles_long_names_and_pax(tmp_path: Path) -> None:
 # Compatibility with the readers of other tools
 
 
-def test_dali_reads_shards_with_our_index_files(fmnist_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("image_format", "ext"), [("png", "png"), ("pnm", "pgm")])
+def test_dali_reads_shards_with_our_index_files(
+    fmnist_dir: Path, tmp_path: Path, image_format: str, ext: str
+) -> None:
     dali = pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
     from nvidia.dali import fn, types
 
     out = tmp_path / "fm"
-    manifest = bs.build_shards(fmnist_dir, out, limit=40, shard_size=20, progress=False)
+    manifest = bs.build_shards(
+        fmnist_dir, out, limit=40, shard_size=20, image_format=image_format, progress=False
+    )
     tars = [str(out / s["name"]) for s in manifest["shards"]]
 
     @dali.pipeline_def(batch_size=40, num_threads=1, device_id=None, seed=0)
@@ -416,7 +421,7 @@ def test_dali_reads_shards_with_our_index_files(fmnist_dir: Path, tmp_path: Path
         image, cls = fn.readers.webdataset(
             paths=tars,
             index_paths=[t[: -len(".tar")] + ".idx" for t in tars],
-            ext=["png", "cls"],
+            ext=[ext, "cls"],
             missing_component_behavior="error",
             random_shuffle=False,
         )
