@@ -144,7 +144,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         dali_device=job["device"],
         dali_threads=job["workers"],
     )
-    views = view_recipe(job["recipe"])
+    size = job.get("view_size")
+    scaled = {"dino": {"global_size": size, "local_size": max(1, size * 96 // 224)}} if size else {}
+    views = view_recipe(job["recipe"], **scaled.get(job["recipe"], {"size": size} if size else {}))
     loader = build_loader(cfg, views, batch_size=job["batch_size"], rank=0, world_size=1, seed=job["seed"])
     sync = torch.cuda.synchronize if job["device"] == "gpu" else (lambda: None)
     try:
@@ -238,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=2, help="DataLoader workers (wds) = DALI threads (dali)"
     )
     parser.add_argument("--cpus", help="pin every measurement to these cores, e.g. 0-1 or 0,2")
+    parser.add_argument(
+        "--view-size",
+        type=int,
+        default=None,
+        help="output side of the views (default: the recipes' 224; DINO's local views scale by 96/224)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=12, help="timed batches per run")
     parser.add_argument("--warmup", type=int, default=3, help="discarded batches per run")
@@ -269,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "prefetch": args.prefetch,
         "seed": args.seed,
+        "view_size": args.view_size,
     }
     runs: list[dict[str, Any]] = []
     for repeat, recipe, backend in itertools.product(range(args.repeats), recipes, backends):

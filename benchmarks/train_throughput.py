@@ -3,8 +3,10 @@
 Runs ``pretrain.train`` itself (the same loop, engine and loader users run) in subprocesses with a
 log interval as the measuring window; the first interval (warm-up, compilation, worker start) is
 discarded and the median of the others is reported. With ``--compare-synthetic`` each run is
-repeated with ``data.backend=synthetic``, alternating A/B in one invocation, and the ratio of
-step times (real loader / synthetic data) tells whether the loader keeps up (target <= 1.05).
+repeated with ``data.backend=synthetic``, alternating A/B in one invocation; the ratio of step
+times (real loader / synthetic data) of each back-to-back pair cancels drift of the machine's
+speed between repeats, and the median over pairs tells whether the loader keeps up (target
+<= 1.05).
 
 Examples::
 
@@ -85,17 +87,27 @@ def main() -> None:
     if args.compare_synthetic:
         variants["synthetic"] = ["data.backend=synthetic"]
     results: dict[str, list[dict]] = {k: [] for k in variants}
+    per_run: dict[str, list[float]] = {k: [] for k in variants}  # median step time of each run
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for name, extra in variants.items():
+            order = list(variants.items())
+            for name, extra in order if r % 2 == 0 else order[::-1]:  # ABBA: linear drift cancels
                 t0 = time.time()
-                results[name] += run_once(args, extra, Path(tmp), f"{name}{r}")
-                print(f"  {name} run {r + 1}/{args.repeats}: {time.time() - t0:.0f}s", file=sys.stderr)
-    summary = {k: summarize(v) for k, v in results.items()}
+                windows = run_once(args, extra, Path(tmp), f"{name}{r}")
+                results[name] += windows
+                per_run[name].append(summarize(windows)["step_time_s"])
+                print(
+                    f"  {name} run {r + 1}/{args.repeats}: {time.time() - t0:.0f}s, "
+                    f"median step {per_run[name][-1]:.4f}s",
+                    file=sys.stderr,
+                )
+    summary: dict = {k: summarize(v) for k, v in results.items()}
     if args.compare_synthetic:
-        summary["ratio_real_over_synthetic_step_time"] = (
-            summary["real"]["step_time_s"] / summary["synthetic"]["step_time_s"]
-        )
+        # Paired design: run r of each variant ran back to back (in alternating order), so drift of
+        # the machine's speed between repeats cancels in their ratio; the median over pairs is reported.
+        pairs = [a / b for a, b in zip(per_run["real"], per_run["synthetic"], strict=True)]
+        summary["ratio_real_over_synthetic_step_time"] = statistics.median(pairs)
+        summary["ratio_per_repeat"] = [round(x, 4) for x in pairs]
     summary["machine"] = {
         "host_cpus": os.cpu_count(),
         "platform": platform.platform(),
