@@ -21,6 +21,7 @@ for the DALI graph.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = ["BACKENDS", "CorruptDataError", "LoaderConfig", "ShardSpecError", "bu
 
 BACKENDS = ("wds", "dali", "synthetic")
 DALI_DEVICES = ("auto", "cpu", "gpu")
+WORKER_PRIORITIES = ("auto", "normal", "idle")
 
 
 @dataclass
@@ -64,6 +66,13 @@ class LoaderConfig:
         dali_threads: DALI CPU threads per rank.
         dali_hw_decoder_load: share of JPEGs sent to the GPU's hardware JPEG decoder (``mixed``
             decoding only); ``null`` keeps DALI's default.
+        worker_priority: CPU scheduling of the ``wds`` worker processes: ``idle`` (Linux
+            ``SCHED_IDLE``: they run only on cores the training process leaves idle), ``normal``,
+            or ``auto``: ``idle`` when there is no GPU, ``normal`` otherwise. When the model trains
+            on the CPU, workers at normal priority preempt its intra-op threads, and a parallel op
+            waits for its slowest thread, so each millisecond a worker takes costs the step up to
+            two; at idle priority they fill the gaps (Python between ops, the optimizer) instead.
+            If the data-wait fraction grows, the gaps are too small: use ``normal``.
     """
 
     backend: str = "wds"
@@ -77,6 +86,7 @@ class LoaderConfig:
     dali_device: str = "auto"
     dali_threads: int = 2
     dali_hw_decoder_load: float | None = None
+    worker_priority: str = "auto"
 
     def validate(self) -> None:
         """Check field values, raising ``ValueError`` naming the field and what is valid."""
@@ -102,6 +112,11 @@ class LoaderConfig:
             raise ValueError(f"data.dali_threads must be >= 1, got {self.dali_threads}")
         if self.dali_hw_decoder_load is not None and not 0.0 <= self.dali_hw_decoder_load <= 1.0:
             raise ValueError(f"data.dali_hw_decoder_load must be in [0, 1], got {self.dali_hw_decoder_load}")
+        if self.worker_priority not in WORKER_PRIORITIES:
+            raise ValueError(
+                f"data.worker_priority {self.worker_priority!r} is not valid; "
+                f"choose one of {', '.join(WORKER_PRIORITIES)}"
+            )
 
 
 def _as_config(cfg: LoaderConfig | Mapping[str, Any]) -> LoaderConfig:
@@ -210,8 +225,21 @@ def build_loader(
         persistent_workers=workers > 0,
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_idle_priority if _idle_workers(cfg.worker_priority) else None,
     )
     return _batches(loader)
+
+
+def _idle_workers(priority: str) -> bool:
+    if priority == "auto":
+        return not torch.cuda.is_available()
+    return priority == "idle"
+
+
+def _idle_priority(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: run this worker only on otherwise idle cores (Linux)."""
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def _batches(loader: DataLoader) -> Iterator[dict[str, Any]]:

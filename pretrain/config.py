@@ -116,6 +116,7 @@ RESUME_SAFE_KEYS = frozenset(
         "data.shards",
         "data.dali_threads",
         "data.dali_hw_decoder_load",
+        "data.worker_priority",
         "engine.timeout_s",
         "engine.reshard_after_forward",
         "resume.allow_config_change",

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,37 @@ def test_configuration_errors(shards: Path, tmp_path: Path) -> None:
         build_loader(
             LoaderConfig(shards=str(tmp_path / "*.tar")), VIEWS, batch_size=4, rank=0, world_size=1, seed=0
         )
+
+
+def _worker_policies() -> list[int]:
+    """Scheduling policies of this process's child processes (the DataLoader workers)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        children += [int(pid) for pid in (task / "children").read_text().split()]
+    return [os.sched_getscheduler(pid) for pid in children]
+
+
+@pytest.mark.parametrize(("priority", "policy"), [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
+def test_worker_priority_sets_the_workers_scheduling_policy(shards: Path, priority: str, policy: str) -> None:
+    if not Path(f"/proc/{os.getpid()}/task").exists():
+        skip_or_fail("needs Linux /proc")
+    it = build_loader(
+        LoaderConfig(shards=str(shards), num_workers=2, worker_priority=priority),
+        VIEWS,
+        batch_size=4,
+        rank=0,
+        world_size=1,
+        seed=0,
+    )
+    try:
+        next(it)
+        assert _worker_policies() == [getattr(os, policy)] * 2
+    finally:
+        it.close()
+    with pytest.raises(
+        ValueError, match=r"data.worker_priority 'low' is not valid; choose one of auto, normal, idle"
+    ):
+        LoaderConfig(shards=str(shards), worker_priority="low").validate()
 
 
 def test_glob_and_brace_specs_without_manifest(shards: Path) -> None:
