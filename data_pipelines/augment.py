@@ -453,16 +453,16 @@ def _photometric(x: torch.Tensor, spec: ViewSpec, params: ViewParams) -> torch.T
     return x
 
 
-def render_batch(
+def render_batch_uint8(
     pixels: Sequence[torch.Tensor], spec: ViewSpec, params: Sequence[ViewParams]
 ) -> torch.Tensor:
-    """Render one view of every sample of a batch on the CPU (the ``wds`` backend's renderer).
+    """Render one view of every sample of a batch on the CPU, as uint8 pixels (before normalization).
 
     Crop, resize and flip give uint8 ``size`` x ``size`` images: for small images of one size
     with an antialiased filter, all at once as matrix products (:mod:`data_pipelines.resample`,
     the same filter taps), otherwise one by one with torchvision's ``resized_crop``. Photometric
-    steps then run per sample, only where the sample's parameters ask for them; scaling to [0, 1]
-    and normalization run once on the batch.
+    steps then run per sample on float pixels in [0, 1], only where the sample's parameters ask
+    for them, and are rounded back to 8 bits (as the papers' PIL pipelines keep their images).
 
     Args:
         pixels: per sample, uint8 [C, H, W] with C = 1 or 3.
@@ -470,7 +470,8 @@ def render_batch(
         params: per sample, the view's random decisions (from :func:`sample_view_params`).
 
     Returns:
-        float32 tensor [B, 3, S, S], normalized with ``spec.mean``/``spec.std``.
+        uint8 tensor [B, C, S, S]: C = 1 when every sample is grey and no photometric step ran,
+        else 3. :func:`normalize_view` turns it into the network's input.
     """
     sizes = {tuple(p.shape[1:]) for p in pixels}
     if len(sizes) == 1 and fits_batched(*next(iter(sizes)), spec.interpolation):
@@ -482,17 +483,50 @@ def render_batch(
         crops = torch.stack(
             [_resized_crop(p, spec, q).expand(3, -1, -1) for p, q in zip(pixels, params, strict=True)]
         )
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    inv_std = 1.0 / torch.tensor(spec.std).view(1, 3, 1, 1)
     drawn = [
         i for i, q in enumerate(params) if q.jitter_order or q.grayscale or q.blur_sigma > 0 or q.solarize
     ]
-    if not drawn:  # scale to [0, 1] and normalize in one pass: x * (1 / (255 std)) - mean / std
-        return torch.addcmul(-mean * inv_std, crops.to(torch.float32), inv_std / 255.0)
+    if not drawn:
+        return crops
     x = F.to_dtype(crops.expand(-1, 3, -1, -1), torch.float32, scale=True)
     for i in drawn:
         x[i] = _photometric(x[i], spec, params[i])
-    return torch.addcmul(-mean * inv_std, x, inv_std)
+    return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def normalize_view(images: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
+    """uint8 [B, C, S, S] (C = 1 or 3) -> float32 [B, 3, S, S]: ``(x / 255 - mean) / std``, in one pass.
+
+    Runs on the tensor's device: the ``wds`` loader ships uint8 from its workers (a quarter of the
+    bytes, a twelfth for grey images) and normalizes in the training process, on the GPU when
+    there is one.
+
+    Args:
+        images: uint8 pixels from :func:`render_batch_uint8`.
+        spec: the view recipe (``mean``, ``std``).
+
+    Returns:
+        The normalized views.
+    """
+    mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
+    inv_std = 1.0 / torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
+    return torch.addcmul(-mean * inv_std, images.to(torch.float32), inv_std / 255.0)
+
+
+def render_batch(
+    pixels: Sequence[torch.Tensor], spec: ViewSpec, params: Sequence[ViewParams]
+) -> torch.Tensor:
+    """Render one view of every sample of a batch on the CPU: :func:`render_batch_uint8`, normalized.
+
+    Args:
+        pixels: per sample, uint8 [C, H, W] with C = 1 or 3.
+        spec: the view recipe.
+        params: per sample, the view's random decisions (from :func:`sample_view_params`).
+
+    Returns:
+        float32 tensor [B, 3, S, S], normalized with ``spec.mean``/``spec.std``.
+    """
+    return normalize_view(render_batch_uint8(pixels, spec, params), spec)
 
 
 def render_view(pixels: torch.Tensor, spec: ViewSpec, params: ViewParams) -> torch.Tensor:

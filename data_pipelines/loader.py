@@ -10,8 +10,9 @@ Batch contract (both backends): each item is a dict
 * ``num_corrupt``: int, samples of this batch that were corrupt and replaced;
 * ``keys``: list of ``"<shard>/<key>"`` strings (only when ``LoaderConfig.return_keys``).
 
-``B`` is the per-rank micro-batch size; batches are always full. Images are on the CPU, except
-with ``backend=dali`` on a GPU (then on this rank's CUDA device). The stream is infinite and a pure
+``B`` is the per-rank micro-batch size; batches are always full. Images are on this rank's CUDA
+device when CUDA is available (``wds``: the workers' uint8 pixels are copied there and normalized
+on the GPU; ``dali``: when it runs on the GPU), else on the CPU. The stream is infinite and a pure
 function of ``(seed, batch number, rank, world_size, num_workers)`` -- the same for the ``wds`` and
 ``dali`` backends: to resume, the trainer stores how many batches (micro-batches) this rank has
 consumed and passes it as ``start_batch``. See :mod:`data_pipelines.wds` for the slot design that
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from data_pipelines.augment import ViewSpec
+from data_pipelines.augment import ViewSpec, normalize_view
 from data_pipelines.synthetic import synthetic_batches
 from data_pipelines.wds import CorruptDataError, ShardSpecError, WdsBatches, resolve_shards
 
@@ -227,7 +228,29 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=_idle_priority if _idle_workers(cfg.worker_priority) else None,
     )
-    return _batches(loader)
+    return _normalized(_batches(loader), views)
+
+
+def _normalized(batches: Iterator[dict[str, Any]], views: Sequence[ViewSpec]) -> Iterator[dict[str, Any]]:
+    """Turn the workers' uint8 views into the contract's float32 views, on the GPU when there is one.
+
+    Workers ship uint8 (a quarter of the bytes through shared memory and, on a GPU node, over
+    PCIe; a twelfth for grey images) and the normalization runs here, in one pass; labels and
+    tokens arrive as NumPy arrays.
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    try:
+        for batch in batches:
+            images = [x.to(device, non_blocking=True) if device is not None else x for x in batch["images"]]
+            batch["images"] = [normalize_view(x, spec) for x, spec in zip(images, views, strict=True)]
+            for key in ("label", "text"):  # sent as NumPy arrays (see WdsBatches.batch)
+                if key in batch:
+                    batch[key] = torch.as_tensor(batch[key])
+            yield batch
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def _idle_workers(priority: str) -> bool:

@@ -68,7 +68,7 @@ from data_pipelines.augment import (
     DRAWS_PER_VIEW,
     ViewParams,
     ViewSpec,
-    render_batch,
+    render_batch_uint8,
     to_uint8_tensor,
     views_params,
 )
@@ -805,11 +805,12 @@ class SlotBatches:
 
 
 class WdsBatches(SlotBatches, IterableDataset):
-    """Infinite stream of collated batches for one rank, rendered on the CPU (torchvision).
+    """Infinite stream of collated batches for one rank, rendered on the CPU.
 
     Each DataLoader worker (or the main process when ``num_workers == 0``) plays one slot and
-    yields whole batches (see :mod:`data_pipelines.loader` for the batch contract). Arguments as
-    :class:`SlotBatches`.
+    yields whole batches whose ``images`` are uint8 (:func:`~data_pipelines.augment.render_batch_uint8`);
+    :func:`data_pipelines.loader.build_loader` normalizes them in the training process (see there
+    for the batch contract). Arguments as :class:`SlotBatches`.
     """
 
     def __init__(self, shard_set: ShardSet, views: Sequence[ViewSpec], **kwargs: Any) -> None:
@@ -823,10 +824,15 @@ class WdsBatches(SlotBatches, IterableDataset):
         assert all(p is not None for p in pixels)
         per_sample = self.view_params(plan)
         images = [
-            render_batch(pixels, spec, [params[v] for params in per_sample])  # type: ignore[arg-type]
+            render_batch_uint8(pixels, spec, [params[v] for params in per_sample])  # type: ignore[arg-type]
             for v, spec in enumerate(self.views)
         ]
-        return {"images": images, **self.host_fields(plan)}
+        # Small tensors travel by value as NumPy arrays: a shared-memory segment per tensor costs a
+        # worker ~0.3 ms (build_loader turns them back into tensors).
+        fields = {
+            k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in self.host_fields(plan).items()
+        }
+        return {"images": images, **fields}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -267,3 +267,28 @@ def test_synthetic_backend_through_the_loader_with_text() -> None:
     batch = next(build_loader(cfg, mae_views(8), batch_size=4, rank=0, world_size=1, seed=0))
     assert batch["images"][0].shape == (4, 3, 8, 8)
     assert batch["text"].shape == (4, 16) and batch["text"][:, 0].eq(49406).all()
+
+
+def test_workers_ship_uint8_and_the_loader_normalizes(fmnist_shards) -> None:
+    from data_pipelines.augment import normalize_view
+    from data_pipelines.wds import WdsBatches
+
+    spec = mae_views(28)[0]
+    ds = WdsBatches(
+        resolve_shards(fmnist_shards), [spec], batch_size=8, rank=0, world_size=1, num_workers=0, seed=0
+    )
+    raw = next(iter(ds))
+    # Grey images without photometric steps stay one channel on the wire: 1/12 of the float32 bytes.
+    assert raw["images"][0].dtype == torch.uint8 and raw["images"][0].shape == (8, 1, 28, 28)
+    assert isinstance(raw["label"], np.ndarray)
+    cfg = LoaderConfig(shards=str(fmnist_shards), num_workers=0)
+    batch = next(build_loader(cfg, [spec], batch_size=8, rank=0, world_size=1, seed=0))
+    assert batch["images"][0].dtype == torch.float32 and batch["images"][0].shape == (8, 3, 28, 28)
+    assert torch.equal(batch["images"][0], normalize_view(raw["images"][0], spec))
+    assert batch["label"].dtype == torch.int64 and batch["label"].tolist() == raw["label"].tolist()
+    # Pixels back from the normalization are the uint8 levels (x / 255 - mean) / std came from.
+    levels = (
+        batch["images"][0] * torch.tensor(spec.std).view(1, 3, 1, 1)
+        + torch.tensor(spec.mean).view(1, 3, 1, 1)
+    ) * 255
+    torch.testing.assert_close(levels, raw["images"][0].expand(-1, 3, -1, -1).float(), atol=1e-3, rtol=0)
