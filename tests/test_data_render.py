@@ -292,3 +292,16 @@ def test_workers_ship_uint8_and_the_loader_normalizes(fmnist_shards) -> None:
         + torch.tensor(spec.mean).view(1, 3, 1, 1)
     ) * 255
     torch.testing.assert_close(levels, raw["images"][0].expand(-1, 3, -1, -1).float(), atol=1e-3, rtol=0)
+
+
+def test_normalize_view_in_chunks_equals_one_op() -> None:
+    from data_pipelines.augment import normalize_view
+
+    spec = mae_views(28)[0]
+    for c, n in ((1, 128), (3, 37), (3, 1)):
+        x = _images(n, c, 28, 28)
+        mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+        expected = (x.float() / 255 - mean) / std
+        out = normalize_view(x, spec)
+        assert out.shape == (n, 3, 28, 28) and out.is_contiguous()
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
