@@ -144,9 +144,12 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         dali_device=job["device"],
         dali_threads=job["workers"],
     )
-    size = job.get("view_size")
-    scaled = {"dino": {"global_size": size, "local_size": max(1, size * 96 // 224)}} if size else {}
-    views = view_recipe(job["recipe"], **scaled.get(job["recipe"], {"size": size} if size else {}))
+    size, sizes = job.get("view_size"), {}
+    if size and job["recipe"] == "dino":
+        sizes = {"global_size": size, "local_size": max(1, size * 96 // 224)}
+    elif size:
+        sizes = {"size": size}
+    views = view_recipe(job["recipe"], **sizes)
     loader = build_loader(cfg, views, batch_size=job["batch_size"], rank=0, world_size=1, seed=job["seed"])
     sync = torch.cuda.synchronize if job["device"] == "gpu" else (lambda: None)
     try:

@@ -471,8 +471,8 @@ def render_batch_uint8(
         params: per sample, the view's random decisions (from :func:`sample_view_params`).
 
     Returns:
-        uint8 tensor [B, C, S, S]: C = 1 when every sample is grey and no photometric step ran,
-        else 3. :func:`normalize_view` turns it into the network's input.
+        uint8 tensor [B, C, S, S]: C = 1 when the batch took the matrix path with only grey samples
+        and no photometric step ran, else 3. :func:`normalize_view` turns it into the network's input.
     """
     sizes = {tuple(p.shape[1:]) for p in pixels}
     if len(sizes) == 1 and fits_batched(*next(iter(sizes)), spec.interpolation):

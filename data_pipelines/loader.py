@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -243,9 +244,9 @@ def _normalized(batches: Iterator[dict[str, Any]], views: Sequence[ViewSpec]) ->
         for batch in batches:
             images = [x.to(device, non_blocking=True) if device is not None else x for x in batch["images"]]
             batch["images"] = [normalize_view(x, spec) for x, spec in zip(images, views, strict=True)]
-            for key in ("label", "text"):  # sent as NumPy arrays (see WdsBatches.batch)
-                if key in batch:
-                    batch[key] = torch.as_tensor(batch[key])
+            for key, value in batch.items():  # small tensors travel as NumPy arrays (WdsBatches.batch)
+                if isinstance(value, np.ndarray):
+                    batch[key] = torch.from_numpy(value)
             yield batch
     finally:
         close = getattr(batches, "close", None)
