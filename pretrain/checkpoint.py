@@ -9,6 +9,11 @@ Layout under ``runs/<name>/``::
 A checkpoint directory without ``COMPLETE`` does not exist for resume or evals. Loading a
 checkpoint with a different number of ranks works: DCP reshards on load.
 
+Saves can be asynchronous (``train.async_checkpoint``): training stops only while the state is copied
+to host memory (pinned on CUDA), a background thread writes the files over a gloo group of its own, and
+``COMPLETE`` / ``latest`` are written when every rank's write has finished. At most one save is in
+flight: the next save, a stop request and the end of the run wait for it first.
+
 Nothing is ever unpickled without restriction: DCP's ``.metadata`` file is read with an unpickler
 that only admits DCP's own metadata classes and torch sizes/dtypes, byte entries are read with
 ``torch.load(weights_only=True)``, trainer state is JSON, exports are safetensors.
@@ -25,10 +30,15 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint._traverse import set_element
@@ -50,6 +60,10 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with the path and the reason."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save that failed while writing (disk full, I/O error): the run stops, earlier checkpoints stay."""
 
 
 # ---- safe loading ------------------------------------------------------------------------------
@@ -175,49 +189,188 @@ def complete_steps(parent: Path) -> list[int]:
 
 
 # ---- the manager -------------------------------------------------------------------------------
+@dataclass
+class SaveRecord:
+    """What one finished save cost: ``stall_s`` is the time training was stopped for it."""
+
+    step: int
+    path: Path
+    stall_s: float
+    total_s: float
+    background: bool
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    path: Path
+    future: Future
+    trainer_state: dict[str, Any]
+    t0: float
+    stall_s: float
+
+
+def _pinned_stager(device: torch.device) -> Any:
+    """A reusable stager that copies GPU state into pinned host buffers (None: DCP's default copy)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:  # older torch: DCP's default (pageable) copy still works
+        return None
+    try:
+        options = StagingOptions(
+            use_pinned_memory=True,
+            use_shared_memory=False,
+            use_async_staging=False,  # the copy finishes before the optimizer touches the weights again
+            use_non_blocking_copy=True,
+        )
+    except TypeError as e:  # a torch whose options are named differently
+        log.warning("pinned checkpoint staging unavailable (%s): staging to pageable memory", e)
+        return None
+    return DefaultStager(options)
+
+
+def _failure_summary(e: BaseException) -> str:
+    """' on rank(s) [..]: <last line of the cause>' for DCP's multi-rank exceptions (their text holds tracebacks)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    ranks = getattr(e, "failures", None)
+    where = f" on rank(s) {sorted(ranks)}" if isinstance(ranks, dict) and ranks else ""
+    return f"{where}: {lines[-1] if lines else type(e).__name__}"
+
+
 class CheckpointManager:
     """Save, find, load and prune checkpoints of one run; export backbones for evals.
 
     Every method is called on all ranks (saves and loads are collectives); only rank 0 touches
-    markers, pointers and deletions.
+    markers, pointers and deletions. With ``async_save`` a periodic save returns once the state is
+    staged in host memory; the trainer calls :meth:`finalize` when the ranks agree that the write is
+    done (:meth:`writing` is each rank's local view), and blocking saves wait for it first.
     """
 
-    def __init__(self, run_dir: Path, env: DistEnv, keep_last: int = 2) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        env: DistEnv,
+        keep_last: int = 2,
+        async_save: bool = False,
+        timeout_s: int = 600,
+    ) -> None:
         if keep_last < 2:
             raise ValueError(f"keep_last={keep_last} must be >= 2")
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.export_dir = self.run_dir / "exports"
         self.env, self.keep_last = env, keep_last
+        self.async_save = async_save
+        self.on_complete: Callable[[SaveRecord], None] | None = None
+        self._pending: _PendingSave | None = None
+        self._group: dist.ProcessGroup | None = None
+        self._stager: Any = None
+        if async_save:
+            if env.distributed:
+                # The writer thread's collectives must never interleave with the training loop's.
+                self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            self._stager = _pinned_stager(env.device)
 
     def latest(self) -> Path | None:
         """The newest COMPLETE checkpoint (scanned, so a stale ``latest`` pointer cannot mislead)."""
         steps = complete_steps(self.ckpt_dir)
         return self.ckpt_dir / step_dir_name(steps[-1]) if steps else None
 
-    def save(self, step: int, engine: Engine, trainer_state: dict[str, Any]) -> Path:
-        """Save model, optimizer and trainer state at ``step`` (collective); return the directory."""
+    def save(self, step: int, engine: Engine, trainer_state: dict[str, Any], blocking: bool = True) -> Path:
+        """Save model, optimizer and trainer state at ``step`` (collective); return the directory.
+
+        ``blocking=False`` (with ``async_save``) returns after staging; the checkpoint becomes COMPLETE
+        at a later :meth:`finalize`. A save still in flight is finished first either way.
+        """
         final = self.ckpt_dir / step_dir_name(step)
         if (final / COMPLETE).is_file():
             return final
+        self.finalize()  # at most one save in flight
         t0 = time.perf_counter()
         if self.env.is_main:
             if final.exists():  # a partial save from a killed attempt
                 shutil.rmtree(final)
             final.mkdir(parents=True)
         barrier(self.env)
-        dcp.save(engine.state_dict(), checkpoint_id=final, no_dist=not self.env.distributed)
-        barrier(self.env)
+        no_dist = not self.env.distributed
+        if blocking or not self.async_save:
+            dcp.save(engine.state_dict(), checkpoint_id=final, no_dist=no_dist)
+            barrier(self.env)
+            stall = time.perf_counter() - t0
+            self._mark_complete(SaveRecord(step, final, stall, stall, False), trainer_state)
+            barrier(self.env)
+            return final
+        kwargs: dict[str, Any] = {"process_group": self._group, "no_dist": no_dist}
+        if self._stager is not None:
+            kwargs["async_stager"] = self._stager
+        future = dcp.async_save(engine.state_dict(), checkpoint_id=final, **kwargs)
+        if not isinstance(future, Future):  # AsyncSaveResponse: staging was synchronous, keep the upload
+            future = future.upload_completion
+        stall = time.perf_counter() - t0
+        self._pending = _PendingSave(step, final, future, dict(trainer_state), t0, stall)
+        return final
+
+    def writing(self) -> bool:
+        """True while this rank's background write is still running."""
+        return self._pending is not None and not self._pending.future.done()
+
+    def finalize(self) -> SaveRecord | None:
+        """Mark the in-flight save COMPLETE once its write is done (call on all ranks at the same step).
+
+        Blocks until this rank's write is done. A failed write raises :class:`CheckpointWriteError` on
+        every rank (DCP reports a failure on any rank to all of them); its directory stays incomplete.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            pending.future.result()
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            log.debug("background checkpoint write failed", exc_info=e)
+            latest = self.latest()
+            kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
+            raise CheckpointWriteError(
+                f"{pending.path}: background checkpoint write failed{_failure_summary(e)}; it is not a "
+                f"checkpoint ({COMPLETE} was not written) and {kept}. Check the disk (space, quota), then "
+                "run the same command again to resume."
+            ) from None
+        total = time.perf_counter() - pending.t0
+        record = SaveRecord(pending.step, pending.path, pending.stall_s, total, True)
+        self._mark_complete(record, pending.trainer_state)
+        return record
+
+    def close(self) -> None:
+        """At exit: complete a save still in flight (errors are logged: this runs during unwinding)."""
+        try:
+            self.finalize()
+        except CheckpointWriteError as e:
+            log.error("%s", e)
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _mark_complete(self, record: SaveRecord, trainer_state: dict[str, Any]) -> None:
         if self.env.is_main:
+            final, step = record.path, record.step
             state = dict(trainer_state, step=step, world_size=self.env.world_size)
             atomic_write_text(final / "trainer_state.json", json.dumps(state, indent=2))
             marker = {"step": step, "time": time.time(), "world_size": self.env.world_size}
             atomic_write_text(final / COMPLETE, json.dumps(marker))
             _atomic_symlink(final.name, self.ckpt_dir / "latest")
             self._prune(self.ckpt_dir, self.keep_last)
-        barrier(self.env)
-        log.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
-        return final
+        if record.background:
+            log.info(
+                "saved checkpoint %s: training paused %.2fs to stage it; written in the background, complete %.1fs after the start",
+                record.path,
+                record.stall_s,
+                record.total_s,
+            )
+        else:
+            log.info("saved checkpoint %s in %.1fs", record.path, record.total_s)
+        if self.on_complete is not None:
+            self.on_complete(record)
 
     def load(self, path: Path, engine: Engine) -> dict[str, Any]:
         """Load ``path`` into ``engine`` (any world size); return the trainer state saved with it."""

@@ -70,6 +70,7 @@ class TrainConfig:
     log_every: int = 50  # steps between log lines / TensorBoard points / non-finite checks
     ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 2  # complete checkpoints kept (>= 2)
+    async_checkpoint: bool = True  # periodic saves written in the background; training pauses to stage
     export_every: int = 0  # steps between backbone exports; 0: only at the end
     compile: bool = False  # torch.compile each transformer block
 
@@ -111,6 +112,7 @@ RESUME_SAFE_KEYS = frozenset(
         "train.log_every",
         "train.ckpt_every",
         "train.keep_last",
+        "train.async_checkpoint",
         "train.export_every",
         "data.prefetch_factor",
         "data.shards",

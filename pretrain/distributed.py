@@ -44,12 +44,14 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(timeout_s: int = 600) -> DistEnv:
+def init_distributed(timeout_s: int = 600, require_group: bool = False) -> DistEnv:
     """Initialise the default process group from the environment (idempotent).
 
     Args:
         timeout_s: collective timeout; a dead or stalled rank ends the job after this long instead of
             the default 30 minutes.
+        require_group: create a one-rank group in-process when started without a launcher (an engine
+            such as FSDP2 needs one even on a single device).
     """
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -60,14 +62,18 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     else:
         device = torch.device("cpu")
     env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
-    if world == 1 and "MASTER_ADDR" not in os.environ:
+    launched = world > 1 or "MASTER_ADDR" in os.environ
+    if not launched and not require_group:
         return env
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # Without a launcher there is no rendezvous address: a one-rank group needs only a local store.
+        store = {} if launched else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if device.type == "cuda" else None,
+            **store,
         )
     env.control_group = (
         dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
@@ -77,13 +83,13 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
     return env
 
 
-def agree_any(env: DistEnv, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (CPU all-reduce on the control group)."""
+def agree_each(env: DistEnv, flags: list[bool]) -> list[bool]:
+    """Per position: true on every rank if that flag is true on any rank (one CPU all-reduce)."""
     if not env.distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        return list(flags)
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control_group)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def all_reduce_mean(tensors: list[torch.Tensor], env: DistEnv) -> list[torch.Tensor]:

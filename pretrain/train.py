@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,11 @@ def run(cfg: Any) -> int:
     from pretrain.metrics import MetricsWriter
     from pretrain.trainer import Trainer
 
-    env = init_distributed(cfg.engine.timeout_s)
+    env = init_distributed(cfg.engine.timeout_s, require_group=cfg.engine.name == "fsdp2")
     run_dir = Path(cfg.run.root) / cfg.run.name
-    checkpoints = CheckpointManager(run_dir, env, cfg.train.keep_last)
+    checkpoints = CheckpointManager(
+        run_dir, env, cfg.train.keep_last, cfg.train.async_checkpoint, cfg.engine.timeout_s
+    )
     latest = checkpoints.latest()
     resume_step = int(latest.name.split("_")[1]) if latest else None
     if env.is_main:
@@ -84,9 +87,11 @@ def run(cfg: Any) -> int:
     engine = build_engine(cfg, env)
     engine.setup(method)
 
-    start_step = 0
+    start_step, resume_s = 0, None
     if latest is not None:
+        t0 = time.perf_counter()
         state = checkpoints.load(latest, engine)
+        resume_s = time.perf_counter() - t0
         start_step = int(state["step"])
         saved_world = state.get("data", {}).get("world_size", env.world_size)
         if saved_world != env.world_size:
@@ -98,7 +103,7 @@ def run(cfg: Any) -> int:
                 env.world_size,
                 saved_world,
             )
-        log.info("resumed from %s at step %d", latest, start_step)
+        log.info("resumed from %s at step %d (loaded in %.1fs)", latest, start_step, resume_s)
     if start_step >= cfg.train.steps:
         log.info(
             "run %s already finished at step %d (train.steps=%d)", cfg.run.name, start_step, cfg.train.steps
@@ -115,7 +120,9 @@ def run(cfg: Any) -> int:
         start_batch=start_step * cfg.train.accum_steps,
     )
     writer = MetricsWriter(run_dir, start_step, env.is_main)
-    writer.event("start", step=start_step, world_size=env.world_size, resumed=latest is not None)
+    writer.event(
+        "start", step=start_step, world_size=env.world_size, resumed=latest is not None, resume_s=resume_s
+    )
     if env.is_main:
         log.info(
             "run %s: %s on %s, %d rank(s) on %s, engine %s, %.2f GFLOP/sample, global batch %d, steps %d -> %d",
@@ -134,6 +141,7 @@ def run(cfg: Any) -> int:
     try:
         result = trainer.fit(start_step)
     finally:
+        checkpoints.close()  # a background save still in flight (after an error) is completed first
         writer.close()
         close = getattr(loader, "close", None)  # stop loader worker processes now, not at exit
         if close is not None:
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(rank)
     from data_pipelines.loader import CorruptDataError, ShardSpecError
     from pretrain import preemption
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.checkpoint import CheckpointError, CheckpointWriteError
     from pretrain.config import ConfigError, load_config, to_yaml
     from pretrain.distributed import shutdown, world_size_from_env
     from pretrain.trainer import NonFiniteLossError
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, ShardSpecError, CorruptDataError) as e:
         log.error("%s", e)
         return EXIT_BAD_INPUT
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointWriteError) as e:
         log.error("%s", e)
         return EXIT_FAILED
     finally:

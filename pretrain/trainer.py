@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from pretrain import preemption
-from pretrain.checkpoint import CheckpointManager
+from pretrain.checkpoint import CheckpointManager, SaveRecord
 from pretrain.config import micro_batch_size, peak_lr
-from pretrain.distributed import DistEnv, agree_any, all_reduce_mean
+from pretrain.distributed import DistEnv, agree_each, all_reduce_mean
 from pretrain.engines.base import Engine
 from pretrain.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gib
 from pretrain.randomness import BatchRandom, derive_seed
@@ -64,6 +64,7 @@ class Trainer:
         self.flops_per_sample = float(self.method.flops_per_sample())
         self.peak_flops = device_peak_flops(self.device, cfg.metrics.peak_tflops)
         self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=self.device)
+        checkpoints.on_complete = self._on_checkpoint
 
     # ---- schedules ---------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -118,16 +119,19 @@ class Trainer:
             step += 1
             interval.steps += 1
 
-            stop = agree_any(env, preemption.stop_requested())
+            # One CPU all-reduce per step: any rank asked to stop? is any rank still writing a checkpoint?
+            stop, writing = agree_each(env, [preemption.stop_requested(), self.checkpoints.writing()])
+            if not writing:
+                self.checkpoints.finalize()  # no-op unless a background save just finished everywhere
             if step % cfg.train.log_every == 0 or step == self.total_steps or stop:
                 self._check_finite()
                 self._log(step, interval, lr, wd, last_grad_norm)
                 interval = _Interval()
-            save = stop or step % cfg.train.ckpt_every == 0 or step == self.total_steps
-            if save:
+            last = step == self.total_steps
+            if stop or last or step % cfg.train.ckpt_every == 0:
                 self._check_finite()
-                self.checkpoints.save(step, self.engine, self._trainer_state(step))
-                self.writer.event("checkpoint", step=step)
+                # The process exits after a stop or the last step: those saves are written before returning.
+                self.checkpoints.save(step, self.engine, self._trainer_state(step), blocking=stop or last)
             export_every = cfg.train.export_every
             if step == self.total_steps or (export_every and step % export_every == 0):
                 self.checkpoints.export(step, self.engine, {"run": cfg.run.name})
@@ -140,6 +144,18 @@ class Trainer:
         return TrainResult(step=step, finished=True, stopped=False)
 
     # ---- helpers -------------------------------------------------------------------------------
+    def _on_checkpoint(self, record: SaveRecord) -> None:
+        self.writer.event(
+            "checkpoint",
+            step=record.step,
+            stall_s=round(record.stall_s, 4),
+            total_s=round(record.total_s, 4),
+            background=record.background,
+        )
+        self.writer.scalars(
+            record.step, {"checkpoint/stall_s": record.stall_s, "checkpoint/total_s": record.total_s}
+        )
+
     def _trainer_state(self, step: int) -> dict[str, Any]:
         return {
             "samples_seen": step * self.global_bs,
@@ -158,6 +174,8 @@ class Trainer:
         bad_step = int(first_bad.item())
         if bad_step == _NO_BAD_STEP:
             return
+        # A save still in flight was checked before it started, so it predates the bad step: complete it.
+        self.checkpoints.finalize()
         latest = self.checkpoints.latest()
         where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
         raise NonFiniteLossError(

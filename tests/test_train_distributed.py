@@ -59,6 +59,33 @@ def test_fsdp2_two_ranks_equals_one_process(tmp_path: Path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+def test_fsdp2_engine_runs_in_one_process_without_a_launcher(tmp_path: Path):
+    # Recipes such as vit_l16_in1k.yaml name engine.name=fsdp2; `python -m pretrain.train` on one device
+    # (no torchrun, no rendezvous variables) creates a one-rank group and trains like the single engine.
+    args = ["data.backend=synthetic", "train.steps=3", "train.global_batch_size=8", "optim.warmup_steps=1"]
+    run_cmd(train_cmd(1, *common(tmp_path, "single", *args, "engine.name=single")))
+    run_cmd(train_cmd(1, *common(tmp_path, "fsdp1", *args, "engine.name=fsdp2")))
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "fsdp1")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
+
+
+def test_compiled_blocks_train_like_eager_on_two_ranks(tmp_path: Path):
+    # train.compile=true: torch.compile per block, then fully_shard (the order the engine documents).
+    args = [
+        "data.backend=synthetic",
+        "train.steps=3",
+        "train.global_batch_size=8",
+        "optim.warmup_steps=1",
+        "train.ckpt_every=2",
+    ]
+    run_cmd(train_cmd(2, *common(tmp_path, "eager", *args)))
+    run_cmd(train_cmd(2, *common(tmp_path, "compiled", *args, "train.compile=true")), timeout=600)
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+
+
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         cmd,
@@ -100,8 +127,14 @@ def test_kill9_and_resume_is_bitwise_identical(tmp_path: Path, fmnist_shards: Pa
     cmd = train_cmd(2, *common(tmp_path, "killed", *args))
     proc = _start(cmd, tmp_path / "killed.log")
     _wait_for_step(tmp_path / "killed", proc, 13)
+    # Step 10's save is written in the background (train.async_checkpoint) and marked COMPLETE at the
+    # first step boundary after both ranks finished writing: wait for the marker, then kill.
+    marker = tmp_path / "killed" / "checkpoints" / "step_00000010" / "COMPLETE"
+    deadline = time.time() + 60
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert marker.exists() and proc.poll() is None, "step 10 was not completed while the job ran"
     _kill_group(proc)  # SIGKILL every rank and the launcher
-    assert (tmp_path / "killed" / "checkpoints" / "step_00000010" / "COMPLETE").exists()
     run_cmd(cmd, timeout=600)  # the same command again resumes
 
     ref, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
