@@ -12,7 +12,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 TUXPAINT := /usr/share/tuxpaint/stamps
 SHARDS := data/fmnist
 
-.PHONY: help install system-deps data demo test test-fast lint format bench clean-runs
+.PHONY: help install system-deps data demo test test-fast lint format bench gpu-wheels clean-runs
 
 help:
 	@echo "make install      virtualenv .venv with the pinned requirements (+ this package, editable)"
@@ -21,7 +21,8 @@ help:
 	@echo "make demo         pretrain a tiny MAE on Fashion-MNIST on the CPU (a few minutes)"
 	@echo "make test         the whole test suite (CPU; multi-process and SLURM tests included)"
 	@echo "make lint         ruff check + format check"
-	@echo "make bench        training-throughput benchmark (see BENCHMARKS.md)"
+	@echo "make bench        CPU benchmarks: loader vs synthetic step-time ratio, checkpoint pause (BENCHMARKS.md)"
+	@echo "make gpu-wheels   wheels a bare CUDA PyTorch machine lacks, into .whl/ (benchmarks/gpu_suite.sh)"
 
 $(STAMP): requirements.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -83,7 +84,15 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install data
-	$(BIN)/python benchmarks/train_throughput.py --config configs/mae/tiny_fmnist.yaml --steps 30
+	$(BIN)/python benchmarks/train_throughput.py --config configs/mae/tiny_fmnist.yaml --compare-synthetic \
+		--interval 10 --windows 5 --repeats 8
+	$(BIN)/python benchmarks/checkpoint_stall.py --config configs/mae/vit_l16_in1k.yaml --every 5 --saves 3 \
+		model.img_size=64 train.global_batch_size=8 data.num_workers=0 train.export_every=0
+
+# Python 3.12 x86-64 wheels of what benchmarks/gpu_suite.sh needs beyond a CUDA PyTorch image
+gpu-wheels: install
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl $$(grep -E '^omegaconf==' requirements.txt)
 
 clean-runs:
 	rm -rf runs

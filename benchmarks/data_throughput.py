@@ -175,7 +175,12 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_child(job: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(job)],
         capture_output=True,

@@ -48,7 +48,11 @@ def run_once(args: argparse.Namespace, extra: list[str], workdir: Path, tag: str
     else:
         launcher = [sys.executable]
     cmd = [*launcher, "-m", "pretrain.train", "--config", args.config, *overrides]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        HF_HUB_OFFLINE="1",
+    )
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"benchmark run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Everything this project checks and measures on a GPU, in sections that each finish well inside
+# 10 minutes on one H100. Results (logs, JSON) go to $OUT (default /tmp/gpu_suite).
+#
+#   bash benchmarks/gpu_suite.sh            # all sections
+#   bash benchmarks/gpu_suite.sh tests mae  # some: tests | mae | compile | ckpt
+#
+# A GPU machine without this project's Python dependencies: put their wheels in .whl/ first
+# (`make gpu-wheels` here; only omegaconf is missing from a typical CUDA PyTorch image) and they
+# are installed into /tmp/site before anything runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_suite}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=(tests mae compile ckpt)
+status=0
+run() {  # run NAME CMD...: log to $OUT/NAME.log, remember a failure, go on with the next
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$name.log" | tail -n 25
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && echo "!! $name failed ($rc)" && status=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv >"$OUT/gpu.txt" 2>&1
+"$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+
+MAE=(--config configs/mae/vit_l16_in1k.yaml --interval 10 --windows 3 --repeats 1)
+MAE_SET=(train.global_batch_size=256 data.backend=synthetic train.export_every=0)
+for section in "${sections[@]}"; do
+    case $section in
+    tests)
+        run pytest_gpu "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+        ;;
+    mae) # issue 2's target: MAE ViT-L/16, one H100, bf16, >= 45 % MFU
+        run mae_single "$PY" benchmarks/train_throughput.py "${MAE[@]}" --json "$OUT/mae_single.json" \
+            "${MAE_SET[@]}" engine.name=single
+        run mae_fsdp2 "$PY" benchmarks/train_throughput.py "${MAE[@]}" --json "$OUT/mae_fsdp2.json" \
+            "${MAE_SET[@]}" engine.name=fsdp2
+        ;;
+    compile)
+        run mae_single_compile "$PY" benchmarks/train_throughput.py "${MAE[@]}" \
+            --json "$OUT/mae_single_compile.json" "${MAE_SET[@]}" engine.name=single train.compile=true
+        run mae_fsdp2_compile "$PY" benchmarks/train_throughput.py "${MAE[@]}" \
+            --json "$OUT/mae_fsdp2_compile.json" "${MAE_SET[@]}" engine.name=fsdp2 train.compile=true
+        ;;
+    ckpt) # pause per checkpoint (target <= 0.5 s with async saves) and resume time (<= 10 s)
+        run ckpt "$PY" benchmarks/checkpoint_stall.py --config configs/mae/vit_l16_in1k.yaml --every 10 \
+            --saves 2 --repeats 1 --json "$OUT/ckpt.json" train.global_batch_size=256 \
+            engine.name=single train.export_every=0
+        ;;
+    *)
+        echo "unknown section '$section': valid are tests, mae, compile, ckpt" >&2
+        exit 2
+        ;;
+    esac
+done
+exit $status
