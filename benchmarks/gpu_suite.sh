@@ -2,8 +2,8 @@
 # Everything this project checks and measures on a GPU, in sections that each finish well inside
 # 10 minutes on one H100. Results (logs, JSON) go to $OUT (default /tmp/gpu_suite).
 #
-#   bash benchmarks/gpu_suite.sh            # all sections
-#   bash benchmarks/gpu_suite.sh tests mae  # some: tests | mae | compile | ckpt
+#   bash benchmarks/gpu_suite.sh tests      # one section per device command: tests | mae | compile | ckpt
+#   bash benchmarks/gpu_suite.sh            # all four (longer than one 10-minute device command)
 #
 # A GPU machine without this project's Python dependencies: put their wheels in .whl/ first
 # (`make gpu-wheels` here; only omegaconf is missing from a typical CUDA PyTorch image) and they
@@ -31,7 +31,18 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, remember a failure, go on with
 }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv >"$OUT/gpu.txt" 2>&1
-"$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt"
+import inspect
+import torch
+import torch.distributed.checkpoint as dcp
+print("torch", torch.__version__, torch.cuda.get_device_name())
+print("dcp.async_save", inspect.signature(dcp.async_save))
+try:  # staging skips pinning empty shards (FSDP2 on several GPUs) only in newer torch
+    from torch.distributed.checkpoint import _state_dict_stager as st
+    print("pin_memory_min_bytes in stager:", "pin_memory_min_bytes" in inspect.getsource(st))
+except ImportError as e:
+    print("no _state_dict_stager:", e)
+EOF
 
 MAE=(--config configs/mae/vit_l16_in1k.yaml --interval 10 --windows 3 --repeats 1)
 MAE_SET=(train.global_batch_size=256 data.backend=synthetic train.export_every=0)
@@ -52,10 +63,11 @@ for section in "${sections[@]}"; do
         run mae_fsdp2_compile "$PY" benchmarks/train_throughput.py "${MAE[@]}" \
             --json "$OUT/mae_fsdp2_compile.json" "${MAE_SET[@]}" engine.name=fsdp2 train.compile=true
         ;;
-    ckpt) # pause per checkpoint (target <= 0.5 s with async saves) and resume time (<= 10 s)
+    ckpt) # pause per checkpoint (target <= 0.5 s with async saves) and resume time (<= 10 s);
+        # the recipe's engine (FSDP2, one rank): DTensor shards through the pinned stager
         run ckpt "$PY" benchmarks/checkpoint_stall.py --config configs/mae/vit_l16_in1k.yaml --every 10 \
-            --saves 2 --repeats 1 --json "$OUT/ckpt.json" train.global_batch_size=256 \
-            engine.name=single train.export_every=0
+            --saves 4 --repeats 1 --json "$OUT/ckpt.json" train.global_batch_size=256 \
+            engine.name=fsdp2 train.export_every=0
         ;;
     *)
         echo "unknown section '$section': valid are tests, mae, compile, ckpt" >&2

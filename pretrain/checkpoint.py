@@ -210,23 +210,25 @@ class _PendingSave:
     stall_s: float
 
 
-def _pinned_stager(device: torch.device) -> Any:
-    """A reusable stager that copies GPU state into pinned host buffers (None: DCP's default copy)."""
-    if device.type != "cuda":
-        return None
+def _reusable_stager(device: torch.device) -> Any:
+    """The manager's own stager: host buffers allocated at the first save and reused by the next ones.
+
+    On CUDA the buffers are pinned and the copies non-blocking, synchronised before ``async_save``
+    returns (``use_async_staging=False``), so the optimizer never changes a tensor mid-copy. ``None``
+    (DCP's default copy per save) where this torch lacks the staging options.
+    """
+    cuda = device.type == "cuda"
     try:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-    except ImportError:  # older torch: DCP's default (pageable) copy still works
-        return None
-    try:
+
         options = StagingOptions(
-            use_pinned_memory=True,
+            use_pinned_memory=cuda,
             use_shared_memory=False,
-            use_async_staging=False,  # the copy finishes before the optimizer touches the weights again
-            use_non_blocking_copy=True,
+            use_async_staging=False,
+            use_non_blocking_copy=cuda,
         )
-    except TypeError as e:  # a torch whose options are named differently
-        log.warning("pinned checkpoint staging unavailable (%s): staging to pageable memory", e)
+    except (ImportError, TypeError) as e:
+        log.warning("checkpoint staging options unavailable (%s): DCP's default copy per save", e)
         return None
     return DefaultStager(options)
 
@@ -271,7 +273,7 @@ class CheckpointManager:
             if env.distributed:
                 # The writer thread's collectives must never interleave with the training loop's.
                 self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-            self._stager = _pinned_stager(env.device)
+            self._stager = _reusable_stager(env.device)
 
     def latest(self) -> Path | None:
         """The newest COMPLETE checkpoint (scanned, so a stale ``latest`` pointer cannot mislead)."""
@@ -287,8 +289,8 @@ class CheckpointManager:
         final = self.ckpt_dir / step_dir_name(step)
         if (final / COMPLETE).is_file():
             return final
+        t0 = time.perf_counter()  # waiting for the previous save is part of this one's pause
         self.finalize()  # at most one save in flight
-        t0 = time.perf_counter()
         if self.env.is_main:
             if final.exists():  # a partial save from a killed attempt
                 shutil.rmtree(final)
@@ -298,15 +300,16 @@ class CheckpointManager:
         if blocking or not self.async_save:
             dcp.save(engine.state_dict(), checkpoint_id=final, no_dist=no_dist)
             barrier(self.env)
-            stall = time.perf_counter() - t0
-            self._mark_complete(SaveRecord(step, final, stall, stall, False), trainer_state)
+            record = SaveRecord(step, final, time.perf_counter() - t0, 0.0, False)
+            self._mark_complete(record, trainer_state, t0)
             barrier(self.env)
             return final
         kwargs: dict[str, Any] = {"process_group": self._group, "no_dist": no_dist}
         if self._stager is not None:
             kwargs["async_stager"] = self._stager
         future = dcp.async_save(engine.state_dict(), checkpoint_id=final, **kwargs)
-        if not isinstance(future, Future):  # AsyncSaveResponse: staging was synchronous, keep the upload
+        if not isinstance(future, Future):  # AsyncSaveResponse (a stager with asynchronous staging)
+            future.staging_completion.result()  # never let training change a tensor still being copied
             future = future.upload_completion
         stall = time.perf_counter() - t0
         self._pending = _PendingSave(step, final, future, dict(trainer_state), t0, stall)
@@ -316,18 +319,20 @@ class CheckpointManager:
         """True while this rank's background write is still running."""
         return self._pending is not None and not self._pending.future.done()
 
-    def finalize(self) -> SaveRecord | None:
+    def finalize(self, wait: bool = True) -> SaveRecord | None:
         """Mark the in-flight save COMPLETE once its write is done (call on all ranks at the same step).
 
-        Blocks until this rank's write is done. A failed write raises :class:`CheckpointWriteError` on
-        every rank (DCP reports a failure on any rank to all of them); its directory stays incomplete.
+        Blocks until this rank's write is done (``wait=False``: only if it is done already). A failed
+        write raises :class:`CheckpointWriteError` on every rank (DCP reports a failure on any rank to
+        all of them); its directory stays incomplete.
         """
-        pending, self._pending = self._pending, None
-        if pending is None:
+        pending = self._pending
+        if pending is None or (not wait and not pending.future.done()):
             return None
+        self._pending = None
         try:
             pending.future.result()
-        except BaseException as e:  # DCP's CheckpointException is a BaseException
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             log.debug("background checkpoint write failed", exc_info=e)
             latest = self.latest()
             kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
@@ -336,22 +341,38 @@ class CheckpointManager:
                 f"checkpoint ({COMPLETE} was not written) and {kept}. Check the disk (space, quota), then "
                 "run the same command again to resume."
             ) from None
-        total = time.perf_counter() - pending.t0
-        record = SaveRecord(pending.step, pending.path, pending.stall_s, total, True)
-        self._mark_complete(record, pending.trainer_state)
+        record = SaveRecord(pending.step, pending.path, pending.stall_s, 0.0, True)
+        self._mark_complete(record, pending.trainer_state, pending.t0)
         return record
 
-    def close(self) -> None:
-        """At exit: complete a save still in flight (errors are logged: this runs during unwinding)."""
+    def close(self, wait: bool = True) -> None:
+        """At exit: complete a save still in flight; free the staging buffers.
+
+        ``wait=False`` (unwinding an error, when a peer may be gone): complete it only if its write has
+        already finished, never block. Errors are logged, not raised: this runs during cleanup.
+        """
         try:
-            self.finalize()
-        except CheckpointWriteError as e:
+            self.finalize(wait=wait)
+        except Exception as e:
             log.error("%s", e)
+        if self._pending is not None:
+            log.warning(
+                "checkpoint %s was still being written when the run ended: it is not COMPLETE; the restart "
+                "resumes from %s",
+                self._pending.path,
+                self.latest(),
+            )
+            self._pending = None
         if self._stager is not None:
             self._stager.close()
             self._stager = None
 
-    def _mark_complete(self, record: SaveRecord, trainer_state: dict[str, Any]) -> None:
+    def _mark_complete(self, record: SaveRecord, trainer_state: dict[str, Any], t0: float) -> None:
+        """Rank 0 writes trainer state, COMPLETE and ``latest``, then prunes; fills in the record's times.
+
+        This runs on the training thread, so its time counts as pause (pruning deletes directories).
+        """
+        t_mark = time.perf_counter()
         if self.env.is_main:
             final, step = record.path, record.step
             state = dict(trainer_state, step=step, world_size=self.env.world_size)
@@ -360,9 +381,13 @@ class CheckpointManager:
             atomic_write_text(final / COMPLETE, json.dumps(marker))
             _atomic_symlink(final.name, self.ckpt_dir / "latest")
             self._prune(self.ckpt_dir, self.keep_last)
+        now = time.perf_counter()
+        record.stall_s += now - t_mark
+        record.total_s = now - t0
         if record.background:
             log.info(
-                "saved checkpoint %s: training paused %.2fs to stage it; written in the background, complete %.1fs after the start",
+                "saved checkpoint %s: training paused %.2fs for it; written in the background, complete "
+                "%.1fs after the start",
                 record.path,
                 record.stall_s,
                 record.total_s,

@@ -138,10 +138,13 @@ def run(cfg: Any) -> int:
             cfg.train.steps,
         )
     trainer = Trainer(cfg, env, engine, iter(loader), checkpoints, writer)
+    finished_cleanly = False
     try:
         result = trainer.fit(start_step)
+        finished_cleanly = True
     finally:
-        checkpoints.close()  # a background save still in flight (after an error) is completed first
+        # After an error a peer may be gone: complete a background save only if its write is done.
+        checkpoints.close(wait=finished_cleanly)
         writer.close()
         close = getattr(loader, "close", None)  # stop loader worker processes now, not at exit
         if close is not None:

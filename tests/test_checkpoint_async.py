@@ -22,10 +22,10 @@ from tests.conftest import TINY_MAE
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def _engine(seed: int) -> Engine:
+def _engine(seed: int, env: DistEnv = CPU) -> Engine:
     cfg = load_config(TINY_MAE, ["engine.name=single"], world_size=1)
     torch.manual_seed(seed)
-    engine = build_engine(cfg, CPU)
+    engine = build_engine(cfg, env)
     engine.setup(build_method(cfg))
     return engine
 
@@ -46,33 +46,44 @@ def _snapshot(engine: Engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_async_save_holds_the_state_of_its_step_while_training_goes_on(tmp_path: Path):
-    engine = _engine(0)
+def check_async_saves_hold_the_state_of_their_step(run_dir: Path, env: DistEnv) -> None:
+    """Two background saves (the second reuses the staging buffers), training between and during them;
+    each checkpoint, loaded into a fresh engine, equals the state at its step. Also used on CUDA."""
+    engine = _engine(0, env)
     _train_step(engine)
     records: list[SaveRecord] = []
-    manager = CheckpointManager(tmp_path, CPU, keep_last=2, async_save=True)
+    manager = CheckpointManager(run_dir, env, keep_last=2, async_save=True)
     manager.on_complete = records.append
-    at_save = _snapshot(engine)
+    try:
+        for step in (1, 2):
+            at_save = _snapshot(engine)
+            path = manager.save(step, engine, {"data": {"batches_consumed": step}}, blocking=False)
+            assert not (path / "COMPLETE").exists()  # not a checkpoint yet
+            assert manager.latest() == (None if step == 1 else path.with_name("step_00000001"))
+            for _ in range(3):  # training continues while the background thread writes
+                _train_step(engine)
+            now = _snapshot(engine)["model.encoder.cls_token"]
+            assert not torch.equal(now, at_save["model.encoder.cls_token"])
 
-    path = manager.save(1, engine, {"data": {"batches_consumed": 1}}, blocking=False)
-    assert manager.latest() is None and not (path / "COMPLETE").exists()  # not a checkpoint yet
-    for _ in range(3):  # training continues while the background thread writes
-        _train_step(engine)
-    assert not torch.equal(_snapshot(engine)["model.encoder.cls_token"], at_save["model.encoder.cls_token"])
+            record = manager.finalize()
+            assert record is not None and record.background and record.step == step
+            assert records[-1] is record and 0 <= record.stall_s <= record.total_s
+            assert manager.latest() == path and (path / "COMPLETE").is_file()
 
-    record = manager.finalize()
-    assert record is not None and record.background and record.step == 1
-    assert records == [record] and 0 <= record.stall_s <= record.total_s
-    assert manager.latest() == path and (path / "COMPLETE").is_file()
+            fresh = _engine(1, env)
+            _train_step(fresh)  # optimizer state must exist to be loaded into
+            state = manager.load(path, fresh)
+            assert state["step"] == step and state["data"] == {"batches_consumed": step}
+            loaded = _snapshot(fresh)
+            assert loaded.keys() == at_save.keys()
+            for k in at_save:
+                assert torch.equal(loaded[k], at_save[k]), (step, k)
+    finally:
+        manager.close()
 
-    fresh = _engine(1)
-    _train_step(fresh)  # optimizer state must exist to be loaded into
-    state = manager.load(path, fresh)
-    assert state["step"] == 1 and state["data"] == {"batches_consumed": 1}
-    loaded = _snapshot(fresh)
-    assert loaded.keys() == at_save.keys()
-    for k in at_save:
-        assert torch.equal(loaded[k], at_save[k]), k
+
+def test_async_save_holds_the_state_of_its_step_while_training_goes_on(tmp_path: Path):
+    check_async_saves_hold_the_state_of_their_step(tmp_path, CPU)
 
 
 def test_next_save_completes_the_one_in_flight_and_close_completes_the_last(tmp_path: Path):

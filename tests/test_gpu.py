@@ -21,6 +21,7 @@ from PIL import Image
 from data_pipelines import build_shards as bs
 from data_pipelines.augment import mae_views, normalize_view
 from data_pipelines.loader import LoaderConfig, build_loader
+from pretrain.distributed import DistEnv
 from pretrain.metrics import device_peak_flops
 from tests.conftest import run_cmd, train_cmd
 
@@ -119,10 +120,28 @@ def test_mae_trains_in_bf16_with_background_checkpoints_and_resumes(tmp_path: Pa
     assert sorted(_losses(run_dir)) == list(range(1, 9))
 
 
+def test_async_checkpoint_stages_to_pinned_memory_and_holds_the_state_of_its_step(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.staging import DefaultStager
+
+    from pretrain.checkpoint import _reusable_stager
+    from tests.test_checkpoint_async import check_async_saves_hold_the_state_of_their_step
+
+    stager = _reusable_stager(torch.device("cuda"))
+    assert isinstance(stager, DefaultStager)
+    stager.close()
+    cuda = DistEnv(
+        rank=0, world_size=1, local_rank=0, device=torch.device("cuda", torch.cuda.current_device())
+    )
+    check_async_saves_hold_the_state_of_their_step(tmp_path, cuda)
+
+
 def test_fsdp2_in_one_process_on_cuda_equals_the_single_engine(tmp_path: Path) -> None:
-    args = ["train.steps=3", "train.precision=fp32", "train.ckpt_every=100"]
+    # ckpt_every=1: background saves of DTensor shards through the pinned stager at every step
+    args = ["train.steps=3", "train.precision=fp32", "train.ckpt_every=1"]
     run_cmd(train_cmd(1, *_common(tmp_path, "single", *args, "engine.name=single")))
     run_cmd(train_cmd(1, *_common(tmp_path, "fsdp", *args, "engine.name=fsdp2")))
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "fsdp")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
+    saves = [r for r in _records(tmp_path / "fsdp") if r.get("event") == "checkpoint"]
+    assert [(r["step"], r["background"]) for r in saves] == [(1, True), (2, True), (3, False)]

@@ -70,6 +70,7 @@ def test_fsdp2_engine_runs_in_one_process_without_a_launcher(tmp_path: Path):
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
 
 
+@pytest.mark.timeout(1200)  # a cold torch.compile of both block types takes minutes on 2 cores
 def test_compiled_blocks_train_like_eager_on_two_ranks(tmp_path: Path):
     # train.compile=true: torch.compile per block, then fully_shard (the order the engine documents).
     args = [
@@ -152,9 +153,11 @@ def _newest_complete(ckpts: Path) -> int:
     return max((int(d.name[5:]) for d in ckpts.glob("step_*") if (d / "COMPLETE").exists()), default=0)
 
 
-def test_kill_during_save_resumes_from_previous_complete(tmp_path: Path):
+@pytest.mark.parametrize("async_checkpoint", ["true", "false"])
+def test_kill_during_save_resumes_from_previous_complete(tmp_path: Path, async_checkpoint: str):
     # Checkpoint every step; watch for a save in progress (a step directory without COMPLETE) and
-    # SIGKILL the job right then. Three such kills, then the same command runs to the end.
+    # SIGKILL the job right then: inside the background write, or inside the blocking DCP save.
+    # Three such kills, then the same command runs to the end.
     args = [
         "data.backend=synthetic",
         "train.steps=12",
@@ -162,6 +165,7 @@ def test_kill_during_save_resumes_from_previous_complete(tmp_path: Path):
         "train.ckpt_every=1",
         "run.deterministic=true",
         "train.keep_last=2",
+        f"train.async_checkpoint={async_checkpoint}",
     ]
     run_cmd(train_cmd(1, *common(tmp_path, "straight", *args)))
     cmd = train_cmd(1, *common(tmp_path, "killed", *args))
