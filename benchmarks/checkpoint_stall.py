@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,9 +71,12 @@ def measure(args: argparse.Namespace, workdir: Path, mode: str, repeat: int) -> 
     step_times = [w["perf/step_time_s"] for w in windows]
     resumed = _train(args, workdir, tag, steps + 1, [f"train.async_checkpoint={MODES[mode]}"])
     start = [r for r in resumed if r.get("event") == "start" and r.get("resumed")][-1]
+    size = checkpoint_bytes(workdir / tag)
+    shutil.rmtree(workdir / tag)  # a ViT-L run keeps ~11 GB of checkpoints: free the disk for the next
     # The first save also allocates (on CUDA: pins) the staging buffers the later ones reuse.
     steady = saves[1:] or saves
     return {
+        "checkpoint_gib": size / 2**30,
         "first_stall_s": saves[0]["stall_s"],
         "stall_s": statistics.median(s["stall_s"] for s in steady),
         "complete_s": statistics.median(s["total_s"] for s in steady),
@@ -83,8 +87,8 @@ def measure(args: argparse.Namespace, workdir: Path, mode: str, repeat: int) -> 
     }
 
 
-def checkpoint_bytes(workdir: Path) -> int:
-    steps = sorted((workdir / "async0" / "checkpoints").glob("step_*"))
+def checkpoint_bytes(run_dir: Path) -> int:
+    steps = sorted((run_dir / "checkpoints").glob("step_*"))
     return sum(f.stat().st_size for f in steps[-1].rglob("*") if f.is_file()) if steps else 0
 
 
@@ -106,21 +110,19 @@ def main() -> None:
                 res = measure(args, Path(tmp), mode, r)
                 results[mode].append(res)
                 print(f"repeat {r} {mode:8s} " + " ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)
-        size = checkpoint_bytes(Path(tmp))
 
     summary = {m: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for m, rs in results.items() if rs}
     out = {
         "config": args.config,
         "overrides": args.overrides,
         "host": platform.node(),
-        "checkpoint_gib": size / 2**30,
         "every": args.every,
         "summary": summary,
         "runs": results,
     }
     a, b = summary["async"], summary["blocking"]
     print(
-        f"checkpoint {size / 2**30:.2f} GiB | first save: async {a['first_stall_s']:.3f}s | "
+        f"checkpoint {a['checkpoint_gib']:.2f} GiB | first save: async {a['first_stall_s']:.3f}s | "
         f"pause per later save: async {a['stall_s']:.3f}s vs blocking "
         f"{b['stall_s']:.3f}s ({b['stall_s'] / max(a['stall_s'], 1e-9):.1f}x less) | complete after "
         f"{a['complete_s']:.2f}s (async) | images/s {a['images_per_s']:.1f} vs {b['images_per_s']:.1f} | "

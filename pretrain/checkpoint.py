@@ -7,7 +7,8 @@ Layout under ``runs/<name>/``::
     exports/step_00001000/       backbone.safetensors, backbone.json, COMPLETE
 
 A checkpoint directory without ``COMPLETE`` does not exist for resume or evals. Loading a
-checkpoint with a different number of ranks works: DCP reshards on load.
+checkpoint with a different number of ranks works: DCP reshards on load. Pruned checkpoints are
+renamed ``.deleting.step_N`` (atomic) and deleted by a background thread.
 
 Saves can be asynchronous (``train.async_checkpoint``): training stops only while the state is copied
 to host memory (pinned on CUDA), a background thread writes the files over a gloo group of its own, and
@@ -31,7 +32,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 COMPLETE = "COMPLETE"
+_RETIRED = ".deleting."  # prefix of a pruned directory being deleted in the background
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -269,6 +271,7 @@ class CheckpointManager:
         self._pending: _PendingSave | None = None
         self._group: dist.ProcessGroup | None = None
         self._stager: Any = None
+        self._deleter: ThreadPoolExecutor | None = None  # rank 0 deletes pruned checkpoints here
         if async_save:
             if env.distributed:
                 # The writer thread's collectives must never interleave with the training loop's.
@@ -366,6 +369,9 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+        if self._deleter is not None:  # let pruned directories finish disappearing
+            self._deleter.shutdown(wait=True)
+            self._deleter = None
 
     def _mark_complete(self, record: SaveRecord, trainer_state: dict[str, Any], t0: float) -> None:
         """Rank 0 writes trainer state, COMPLETE and ``latest``, then prunes; fills in the record's times.
@@ -439,13 +445,37 @@ class CheckpointManager:
         return out if self.env.is_main else None
 
     def _prune(self, parent: Path, keep: int) -> None:
+        """Retire complete checkpoints beyond ``keep`` and partial saves older than the newest one."""
         steps = complete_steps(parent)
         if not steps:
             return
         newest = steps[-1]
         for s in steps[:-keep]:
-            shutil.rmtree(parent / step_dir_name(s), ignore_errors=True)
-        for child in parent.iterdir():  # partial saves older than the newest complete one
+            self._retire(parent / step_dir_name(s))
+        for child in parent.iterdir():
             m = STEP_DIR.match(child.name)
             if m and int(m.group(1)) < newest and not (child / COMPLETE).is_file():
-                shutil.rmtree(child, ignore_errors=True)
+                self._retire(child)
+            elif child.name.startswith(_RETIRED) and child.is_dir():  # left by a killed attempt
+                self._delete_later(child)
+
+    def _retire(self, path: Path) -> None:
+        """Take ``path`` out of the run at once (an atomic rename), delete it off the training thread.
+
+        Deleting gigabytes takes seconds; a rename never leaves a half-deleted directory that still
+        looks like a checkpoint, even if the process is killed mid-delete.
+        """
+        retired = path.with_name(_RETIRED + path.name)
+        if retired.exists():
+            shutil.rmtree(retired, ignore_errors=True)
+        try:
+            path.rename(retired)
+        except OSError as e:
+            log.warning("could not retire %s (%s); leaving it", path, e)
+            return
+        self._delete_later(retired)
+
+    def _delete_later(self, path: Path) -> None:
+        if self._deleter is None:
+            self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-delete")
+        self._deleter.submit(shutil.rmtree, path, ignore_errors=True)

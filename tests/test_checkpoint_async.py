@@ -90,12 +90,16 @@ def test_next_save_completes_the_one_in_flight_and_close_completes_the_last(tmp_
     engine = _engine(0)
     _train_step(engine)
     manager = CheckpointManager(tmp_path, CPU, keep_last=2, async_save=True)
+    leftover = manager.ckpt_dir / ".deleting.step_00000000"  # a killed attempt's half-deleted prune
+    (leftover / "sub").mkdir(parents=True)
     for step in (1, 2, 3):
         manager.save(step, engine, {}, blocking=False)
         assert complete_steps(manager.ckpt_dir) == list(range(max(1, step - 2), step))[-2:]
         _train_step(engine)
     manager.close()
     assert complete_steps(manager.ckpt_dir) == [2, 3]  # keep_last pruned step 1
+    # pruned directories are renamed at once and deleted in the background; close() waits for that
+    assert sorted(p.name for p in manager.ckpt_dir.iterdir()) == ["latest", "step_00000002", "step_00000003"]
     assert manager.finalize() is None  # nothing left in flight
 
 
