@@ -243,6 +243,13 @@ def _failure_summary(e: BaseException) -> str:
     return f"{where}: {lines[-1] if lines else type(e).__name__}"
 
 
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free there now"
+    except OSError:
+        return "free space unknown"
+
+
 class CheckpointManager:
     """Save, find, load and prune checkpoints of one run; export backbones for evals.
 
@@ -341,8 +348,8 @@ class CheckpointManager:
             kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
             raise CheckpointWriteError(
                 f"{pending.path}: background checkpoint write failed{_failure_summary(e)}; it is not a "
-                f"checkpoint ({COMPLETE} was not written) and {kept}. Check the disk (space, quota), then "
-                "run the same command again to resume."
+                f"checkpoint ({COMPLETE} was not written) and {kept}. Check the disk ({_free_space(pending.path)}"
+                "; quota), then run the same command again to resume."
             ) from None
         record = SaveRecord(pending.step, pending.path, pending.stall_s, 0.0, True)
         self._mark_complete(record, pending.trainer_state, pending.t0)
