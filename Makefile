@@ -86,7 +86,7 @@ format: install
 bench: install data
 	$(BIN)/python benchmarks/train_throughput.py --config configs/mae/tiny_fmnist.yaml --compare-synthetic \
 		--interval 10 --windows 5 --repeats 8
-	$(BIN)/python benchmarks/checkpoint_stall.py --config configs/mae/vit_l16_in1k.yaml --every 5 --saves 3 \
+	$(BIN)/python benchmarks/checkpoint_stall.py --config configs/mae/vit_l16_in1k.yaml --every 5 --saves 4 \
 		model.img_size=64 train.global_batch_size=8 data.num_workers=0 train.export_every=0
 
 # Python 3.12 x86-64 wheels of what benchmarks/gpu_suite.sh needs beyond a CUDA PyTorch image
