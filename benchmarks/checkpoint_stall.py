@@ -23,23 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import train_records
+
 MODES = {"async": "true", "blocking": "false"}
 
 
 def _train(args: argparse.Namespace, workdir: Path, tag: str, steps: int, extra: list[str]) -> list[dict]:
     overrides = [
-        f"run.root={workdir}",
-        f"run.name={tag}",
         f"train.steps={steps}",
         f"train.ckpt_every={args.every}",
         f"train.log_every={args.every}",
@@ -49,16 +45,7 @@ def _train(args: argparse.Namespace, workdir: Path, tag: str, steps: int, extra:
         *args.overrides,
         *extra,
     ]
-    cmd = [sys.executable, "-m", "pretrain.train", "--config", args.config, *overrides]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-        HF_HUB_OFFLINE="1",
-    )
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"benchmark run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return [json.loads(x) for x in (workdir / tag / "metrics.jsonl").read_text().splitlines()]
+    return train_records(args.config, overrides, workdir, tag)
 
 
 def measure(args: argparse.Namespace, workdir: Path, mode: str, repeat: int) -> dict[str, float]:

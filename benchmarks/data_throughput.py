@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, child_env
+
 sys.path.insert(0, str(ROOT))
 
 RECIPES = ("mae", "dino", "clip")
@@ -175,12 +176,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_child(job: dict[str, Any]) -> dict[str, Any]:
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-    )
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(job)],
         capture_output=True,

@@ -22,20 +22,17 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import train_records
 
 
 def run_once(args: argparse.Namespace, extra: list[str], workdir: Path, tag: str) -> list[dict]:
     steps = args.interval * (args.windows + 1)
     overrides = [
-        f"run.root={workdir}",
-        f"run.name={tag}",
         f"train.steps={steps}",
         f"train.log_every={args.interval}",
         f"train.ckpt_every={steps}",
@@ -43,20 +40,7 @@ def run_once(args: argparse.Namespace, extra: list[str], workdir: Path, tag: str
         *args.overrides,
         *extra,
     ]
-    if args.nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc)]
-    else:
-        launcher = [sys.executable]
-    cmd = [*launcher, "-m", "pretrain.train", "--config", args.config, *overrides]
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-        HF_HUB_OFFLINE="1",
-    )
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"benchmark run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    records = [json.loads(x) for x in (workdir / tag / "metrics.jsonl").read_text().splitlines()]
+    records = train_records(args.config, overrides, workdir, tag, nproc=args.nproc)
     return [r for r in records if "perf/step_time_s" in r][1:]  # drop the warm-up window
 
 

@@ -115,12 +115,19 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
-def _splitmix64(state: int) -> tuple[int, int]:
-    state = (state + 0x9E3779B97F4A7C15) & _MASK64
-    z = state
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return state, z ^ (z >> 31)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    # splitmix64's output function (Steele, Lea & Flood 2014), on uint64 arrays (wrapping arithmetic).
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _splitmix64_sequence(seed: int, n: int) -> np.ndarray:
+    """The first ``n`` outputs of splitmix64 seeded with ``seed``: ``mix(seed + k * gamma)``, k = 1..n."""
+    return _mix64(np.uint64(seed & _MASK64) + np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN)
 
 
 def permutation(n: int, seed: int) -> list[int]:
@@ -134,19 +141,11 @@ def permutation(n: int, seed: int) -> list[int]:
         The permutation as a list.
     """
     perm = list(range(n))
-    state = seed & _MASK64
-    for i in range(n - 1, 0, -1):
-        state, r = _splitmix64(state)
+    draws = _splitmix64_sequence(seed, max(n - 1, 0)).tolist()
+    for r, i in zip(draws, range(n - 1, 0, -1)):
         j = (r * (i + 1)) >> 64  # multiply-shift: uniform enough for i << 2**64
         perm[i], perm[j] = perm[j], perm[i]
     return perm
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    # splitmix64's output function (Steele, Lea & Flood 2014), on uint64 arrays (wrapping arithmetic).
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
 
 
 def counter_uniforms(seed: int, counters: Sequence[int], n: int) -> np.ndarray:
@@ -164,10 +163,9 @@ def counter_uniforms(seed: int, counters: Sequence[int], n: int) -> np.ndarray:
     Returns:
         float64 array [len(counters), n].
     """
-    golden = np.uint64(0x9E3779B97F4A7C15)
     c = np.asarray(counters, dtype=np.uint64)[:, None]
-    start = _mix64(np.uint64(seed & _MASK64) ^ _mix64(c + golden))
-    x = _mix64(start + np.arange(1, n + 1, dtype=np.uint64)[None, :] * golden)
+    start = _mix64(np.uint64(seed & _MASK64) ^ _mix64(c + _GOLDEN))
+    x = _mix64(start + np.arange(1, n + 1, dtype=np.uint64)[None, :] * _GOLDEN)
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

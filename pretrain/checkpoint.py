@@ -191,7 +191,7 @@ def complete_steps(parent: Path) -> list[int]:
 
 
 # ---- the manager -------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class SaveRecord:
     """What one finished save cost: ``stall_s`` is the time training was stopped for it."""
 
@@ -310,8 +310,7 @@ class CheckpointManager:
         if blocking or not self.async_save:
             dcp.save(engine.state_dict(), checkpoint_id=final, no_dist=no_dist)
             barrier(self.env)
-            record = SaveRecord(step, final, time.perf_counter() - t0, 0.0, False)
-            self._mark_complete(record, trainer_state, t0)
+            self._mark_complete(step, final, trainer_state, t0, time.perf_counter() - t0, background=False)
             barrier(self.env)
             return final
         kwargs: dict[str, Any] = {"process_group": self._group, "no_dist": no_dist}
@@ -351,9 +350,9 @@ class CheckpointManager:
                 f"checkpoint ({COMPLETE} was not written) and {kept}. Check the disk ({_free_space(pending.path)}"
                 "; quota), then run the same command again to resume."
             ) from None
-        record = SaveRecord(pending.step, pending.path, pending.stall_s, 0.0, True)
-        self._mark_complete(record, pending.trainer_state, pending.t0)
-        return record
+        return self._mark_complete(
+            pending.step, pending.path, pending.trainer_state, pending.t0, pending.stall_s, background=True
+        )
 
     def close(self, wait: bool = True) -> None:
         """At exit: complete a save still in flight; free the staging buffers.
@@ -380,14 +379,21 @@ class CheckpointManager:
             self._deleter.shutdown(wait=True)
             self._deleter = None
 
-    def _mark_complete(self, record: SaveRecord, trainer_state: dict[str, Any], t0: float) -> None:
-        """Rank 0 writes trainer state, COMPLETE and ``latest``, then prunes; fills in the record's times.
+    def _mark_complete(
+        self,
+        step: int,
+        final: Path,
+        trainer_state: dict[str, Any],
+        t0: float,
+        paused_s: float,
+        background: bool,
+    ) -> SaveRecord:
+        """Rank 0 writes trainer state, COMPLETE and ``latest``, then prunes; returns what the save cost.
 
-        This runs on the training thread, so its time counts as pause (pruning deletes directories).
+        This runs on the training thread, so its time is added to the pause ``paused_s`` so far.
         """
         t_mark = time.perf_counter()
         if self.env.is_main:
-            final, step = record.path, record.step
             state = dict(trainer_state, step=step, world_size=self.env.world_size)
             atomic_write_text(final / "trainer_state.json", json.dumps(state, indent=2))
             marker = {"step": step, "time": time.time(), "world_size": self.env.world_size}
@@ -395,9 +401,8 @@ class CheckpointManager:
             _atomic_symlink(final.name, self.ckpt_dir / "latest")
             self._prune(self.ckpt_dir, self.keep_last)
         now = time.perf_counter()
-        record.stall_s += now - t_mark
-        record.total_s = now - t0
-        if record.background:
+        record = SaveRecord(step, final, paused_s + now - t_mark, now - t0, background)
+        if background:
             log.info(
                 "saved checkpoint %s: training paused %.2fs for it; written in the background, complete "
                 "%.1fs after the start",
@@ -409,6 +414,7 @@ class CheckpointManager:
             log.info("saved checkpoint %s in %.1fs", record.path, record.total_s)
         if self.on_complete is not None:
             self.on_complete(record)
+        return record
 
     def load(self, path: Path, engine: Engine) -> dict[str, Any]:
         """Load ``path`` into ``engine`` (any world size); return the trainer state saved with it."""
