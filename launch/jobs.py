@@ -29,6 +29,7 @@ with ``--kill-on-bad-exit=1``, and the others would also fail at the collective 
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -91,9 +92,10 @@ class PretrainJob:
         from data_pipelines.loader import CorruptDataError, ShardSpecError
         from pretrain.checkpoint import CheckpointError
         from pretrain.config import ConfigError, load_config
-        from pretrain.distributed import shutdown
+        from pretrain.distributed import exit_process_at_exit, shutdown
         from pretrain.train import run
 
+        faulthandler.enable(all_threads=True)  # a native crash prints every thread's Python stack
         os.chdir(self.workdir)
         job_env = submitit.JobEnvironment()
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(
@@ -130,6 +132,9 @@ class PretrainJob:
             shutdown()
         run_dir = str(Path(cfg.run.root) / cfg.run.name)
         if code == EXIT_OK:
+            # submitit writes this result, then the process exits 0 without tearing down the
+            # interpreter (see pretrain.distributed.exit_process: a finished run must not abort there).
+            exit_process_at_exit(0)
             return {"rank": dist_env.rank, "run_dir": run_dir, "finished": True}
         if code != EXIT_STOPPED:
             raise JobFailed(f"pretrain.train.run returned {code} (see the log above); run dir {run_dir}")
@@ -137,6 +142,7 @@ class PretrainJob:
         # barrier after the COMPLETE marker), so requeueing now cannot cut a save short.
         if dist_env.rank != 0:
             log.warning("checkpoint saved after %s; rank 0 requeues the job", preemption.stop_reason())
+            exit_process_at_exit(0)
             sys.exit(0)  # no result file: the requeued attempt writes it
         if restarts >= self.max_requeues:
             raise JobFailed(

@@ -11,10 +11,14 @@ agreeing on "stop now" (preemption) at a step boundary costs a CPU all-reduce, n
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -116,5 +120,30 @@ def barrier(env: DistEnv) -> None:
 
 
 def shutdown() -> None:
+    """Destroy every process group (all ranks, once the run is over)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a training process with ``code`` once its work is done: flush, then skip interpreter teardown.
+
+    ``destroy_process_group`` cannot free a group that DTensor still references (FSDP2's device mesh
+    stays cached after the model is gone), so its gloo/NCCL threads are still running when Python
+    tears down modules and libtorch runs its static destructors. That teardown can abort a process
+    whose run finished cleanly (``terminate called without an active exception``, SIGABRT, exit -6),
+    which torchrun and SLURM report as a failed job. Everything the run owns (checkpoints, metrics,
+    TensorBoard files, loader workers) is closed before this is called; only the logs and standard
+    streams are left to flush.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken pipe: nothing more to write
+            stream.flush()
+    os._exit(code)
+
+
+def exit_process_at_exit(code: int = 0) -> None:
+    """Make the interpreter's exit end in :func:`exit_process` (for code that runs inside a host
+    such as submitit, which still has to write its result after our function returns)."""
+    atexit.register(exit_process, code)

@@ -12,6 +12,7 @@ checkpoint saved (run again to continue), 1 any other failure (non-finite loss, 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -189,4 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain.distributed import exit_process
+
+    faulthandler.enable(all_threads=True)  # a native crash prints every thread's Python stack
+    exit_process(main())
