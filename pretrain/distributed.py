@@ -129,8 +129,8 @@ def exit_process(code: int) -> NoReturn:
     """End a training process with ``code`` once its work is done: flush, then skip interpreter teardown.
 
     ``destroy_process_group`` cannot free a group that DTensor still references (FSDP2's device mesh
-    stays cached after the model is gone), so its gloo/NCCL threads are still running when Python
-    tears down modules and libtorch runs its static destructors. That teardown can abort a process
+    stays cached after the model is gone), so its communication threads (seen for gloo) are still
+    running when Python tears down modules and libtorch runs its static destructors. That teardown can abort a process
     whose run finished cleanly (``terminate called without an active exception``, SIGABRT, exit -6),
     which torchrun and SLURM report as a failed job. Everything the run owns (checkpoints, metrics,
     TensorBoard files, loader workers) is closed before this is called; only the logs and standard
