@@ -8,15 +8,16 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-TUXPAINT := /usr/share/tuxpaint/stamps
+# Debian packages the tests and the demo read (real data sets; see README "A fresh machine"). The SLURM
+# packages are installed by launch/local_cluster.sh (PACKAGES) when the SLURM tests start the cluster.
+APT_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
 SHARDS := data/fmnist
 
 .PHONY: help install system-deps data demo test test-fast lint format bench gpu-wheels clean-runs
 
 help:
 	@echo "make install      virtualenv .venv with the pinned requirements (+ this package, editable)"
-	@echo "make system-deps  Debian packages the tests and demo need (Fashion-MNIST data set)"
+	@echo "make system-deps  Debian packages the tests and demo read: $(APT_PACKAGES)"
 	@echo "make data         Fashion-MNIST -> WebDataset shards in $(SHARDS)/{train,test}"
 	@echo "make demo         pretrain a tiny MAE on Fashion-MNIST on the CPU (a few minutes)"
 	@echo "make test         the whole test suite (CPU; multi-process and SLURM tests included)"
@@ -34,12 +35,14 @@ $(STAMP): requirements.txt setup.py
 install: $(STAMP)
 
 # Real data sets shipped by Debian packages: Fashion-MNIST (image SSL, evals) and the Tux Paint
-# stamps (images with captions, for the caption sources and CLIP).
+# stamps (images with captions, for the caption sources and CLIP). Installed unless already installed.
 system-deps:
-	@if [ ! -f $(FMNIST) ] || [ ! -d $(TUXPAINT) ]; then \
-		echo "installing Debian packages dataset-fashion-mnist tuxpaint-stamps-default"; \
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
 		$(SUDO) apt-get update -q && \
-		$(SUDO) apt-get install -y -q --no-install-recommends dataset-fashion-mnist tuxpaint-stamps-default; \
+		$(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
 $(SHARDS)/train/manifest.json: | install system-deps

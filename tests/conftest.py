@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.components import IN_CI, skip_or_fail  # noqa: F401  (re-exported: tests import them from here)
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,14 +19,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MAE = ROOT / "configs" / "mae" / "tiny_fmnist.yaml"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip a test whose component is missing; under CI=true a missing component is a failure."""
-    if IN_CI:
-        pytest.fail(f"CI=true and a required component is missing: {reason}")
-    pytest.skip(reason)
 
 
 def python_env(**extra: str) -> dict[str, str]:
@@ -104,3 +99,71 @@ def fmnist_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     return out
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under CI=true a skipped test fails unless it is GPU-marked (the CI machines have no GPU).
+
+    ``skip_or_fail`` already fails there; this also catches a skip from anywhere else (a new
+    ``pytest.importorskip``, a fixture's ``pytest.skip``), so CI never passes with a test unrun.
+    """
+    report = yield
+    if (
+        IN_CI
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+        and item.get_closest_marker("gpu") is None
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: this test was skipped ({reason}); only gpu-marked tests may skip in CI"
+    return report
+
+
+_SYSTEM_READS: dict[str, Path] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Record which system files the tests read (tests/system_reads.py); checked at the end."""
+    from tests import system_reads
+
+    if config.option.collectonly or hasattr(config, "workerinput") or not system_reads.available():
+        return
+    _SYSTEM_READS["dir"] = system_reads.start(Path(tempfile.gettempdir()))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a test read a system file that no install step of the project provides."""
+    from tests import system_reads
+
+    if session.config.option.collectonly:
+        return
+    folder = _SYSTEM_READS.get("dir")
+    if folder is None:
+        if IN_CI:
+            _fail_session(session, ["dpkg/apt-cache not found: cannot check the system files the tests read"])
+        return
+    lines = system_reads.problems(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    if lines:
+        _fail_session(
+            session,
+            [
+                "tests read system files that no install step of the project provides; a fresh machine will "
+                "not have them. Install the package in the Makefile (APT_PACKAGES) or launch/local_cluster.sh "
+                "(PACKAGES), or make the test independent of it:",
+                *lines,
+            ],
+        )
+
+
+def _fail_session(session: pytest.Session, lines: list[str]) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.section("system files read by the tests", sep="=", red=True, bold=True)
+        for line in lines:
+            reporter.line(line, red=True)
+    else:
+        print("\n".join(lines), file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,14 +1,5 @@
 """A real single-machine SLURM cluster for the test suite (started by launch/local_cluster.sh).
 
-To the lead — add to tests/conftest.py, as its own (first-party) import block after `import pytest`
-(tests/ is a package; ruff's isort and E402 accept it there):
-
-    import pytest
-
-    from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
-
-(Were tests/__init__.py removed, the line would be `from slurm_cluster import ...` instead.)
-
 The session-scoped fixture `slurm_cluster` installs the Debian packages if they are missing, starts
 the cluster once per test run, and stops it at the end — unless it was already up and healthy
 before the run (a developer's own cluster), which it reuses and leaves running.
@@ -35,6 +26,8 @@ from typing import TypeVar
 
 import pytest
 
+from tests.components import skip_or_fail
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "launch" / "local_cluster.sh"
 
@@ -44,10 +37,6 @@ FAILED_STATES = frozenset(
 )
 
 T = TypeVar("T")
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
 def _tail(text: str, lines: int = 60) -> str:
@@ -173,9 +162,7 @@ def _output(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def _unavailable(reason: str) -> None:
-    if _in_ci():
-        pytest.fail(f"SLURM test cluster unavailable under CI=true: {reason}", pytrace=False)
-    pytest.skip(f"SLURM test cluster unavailable: {reason}")
+    skip_or_fail(f"SLURM test cluster unavailable: {reason}")
 
 
 def _start() -> bool:

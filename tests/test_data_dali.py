@@ -33,7 +33,7 @@ from data_pipelines.augment import (
 from data_pipelines.loader import CorruptDataError, LoaderConfig, ShardSpecError, build_loader
 from data_pipelines.tar_index import group_samples, scan_tar, write_dali_index
 from data_pipelines.wds import ShardReader, SlotStream, resolve_shards
-from tests.conftest import skip_or_fail
+from tests.components import require_cuda, skip_or_fail
 
 BACKENDS = ["wds", "dali"]
 
@@ -509,8 +509,7 @@ def test_dali_configuration_errors(photo_shards: Path, tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_dali_gpu_matches_dali_cpu(photo_shards: Path) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+    require_cuda()
     views = dino_views(32, 16, n_local=2)
     cpu = _take("dali", photo_shards, views, 2, num_workers=0, dali_device="cpu")
     gpu = _take("dali", photo_shards, views, 2, num_workers=0, dali_device="gpu")

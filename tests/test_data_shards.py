@@ -25,7 +25,7 @@ from data_pipelines.tar_index import (
     read_dali_index,
     scan_tar,
 )
-from tests.conftest import skip_or_fail
+from tests.components import require_module, skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -407,7 +407,7 @@ def test_scan_tar_handles_long_names_and_pax(tmp_path: Path) -> None:
 def test_dali_reads_shards_with_our_index_files(
     fmnist_dir: Path, tmp_path: Path, image_format: str, ext: str
 ) -> None:
-    dali = pytest.importorskip("nvidia.dali", reason="nvidia-dali not installed")
+    dali = require_module("nvidia.dali", "pip install nvidia-dali-cuda120 (requirements.txt)")
     from nvidia.dali import fn, types
 
     out = tmp_path / "fm"
@@ -437,7 +437,7 @@ def test_dali_reads_shards_with_our_index_files(
 
 
 def test_webdataset_library_reads_shards(tmp_path: Path) -> None:
-    wds = pytest.importorskip("webdataset")
+    wds = require_module("webdataset", "pip install -r requirements.txt")
     good, _ = _make_image_folder(tmp_path / "src")
     manifest = bs.build_shards(tmp_path / "src", tmp_path / "out", shard_size=100, progress=False)
     samples = list(wds.WebDataset(str(tmp_path / "out" / manifest["shards"][0]["name"]), shardshuffle=False))

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tests.components import require_module
+
 pytestmark = pytest.mark.slurm
 
 
@@ -82,7 +84,7 @@ def test_sbatch_job_is_completed_in_sacct(slurm_cluster, tmp_path):
 
 
 def test_submitit_two_node_job_reports_ranks(slurm_cluster, tmp_path):
-    submitit = pytest.importorskip("submitit")
+    submitit = require_module("submitit", "pip install -r requirements.txt")
 
     def report() -> dict:  # a local function: cloudpickle ships it by value
         import os

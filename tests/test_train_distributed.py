@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.components import require_module
 from tests.conftest import ROOT, TINY_MAE, _free_port, python_env, run_cmd, train_cmd
 
 pytestmark = pytest.mark.multiproc
@@ -292,7 +293,7 @@ def test_nan_on_one_rank_stops_all_ranks_at_the_same_step(tmp_path: Path):
 
 
 def test_export_loads_strict_into_timm_with_same_features(tmp_path: Path):
-    timm = pytest.importorskip("timm")
+    timm = require_module("timm", "pip install -r requirements.txt")
     args = ["data.backend=synthetic", "train.steps=2", "train.global_batch_size=8", "train.ckpt_every=2"]
     run_cmd(train_cmd(1, *common(tmp_path, "e", *args)))
     export = tmp_path / "e" / "exports" / "step_00000002"

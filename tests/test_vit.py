@@ -19,9 +19,7 @@ from pretrain.models.flops import (
     transformer_block_flops,
     vit_encoder_flops,
 )
-
-timm = pytest.importorskip("timm")
-from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
+from tests.components import require_module
 
 # Small enough for 2 CPU cores: 32 px images, 4x4 grid of 8 px patches.
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4)
@@ -36,8 +34,16 @@ def images(batch: int = 2, size: int = 32, chans: int = 3, seed: int = 1) -> tor
     return torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module")
+def timm():
+    """timm (a pinned dev dependency): the reference implementation the parity tests compare with."""
+    return require_module("timm", "pip install -r requirements.txt")
+
+
 def timm_twin(model: VisionTransformer, **timm_kwargs) -> torch.nn.Module:
     """timm's VisionTransformer of the same configuration with our weights loaded strictly."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
     ref = TimmViT(**timm_kwargs)
     ref.load_state_dict(model.state_dict(), strict=True)
     return ref.eval()
@@ -45,7 +51,7 @@ def timm_twin(model: VisionTransformer, **timm_kwargs) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------ timm parity
 @pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
-def test_state_dict_loads_strict_into_timm_and_outputs_match(pos_embed: str) -> None:
+def test_state_dict_loads_strict_into_timm_and_outputs_match(timm, pos_embed: str) -> None:
     model = tiny_vit(pos_embed=pos_embed).eval()
     ref = timm_twin(model, **TINY, num_classes=0)
     assert set(model.state_dict()) == set(ref.state_dict())
@@ -57,7 +63,7 @@ def test_state_dict_loads_strict_into_timm_and_outputs_match(pos_embed: str) -> 
     assert model(x).shape == (2, 32)
 
 
-def test_timm_parity_with_head_and_no_qkv_bias() -> None:
+def test_timm_parity_with_head_and_no_qkv_bias(timm) -> None:
     model = tiny_vit(num_classes=5, qkv_bias=False, in_chans=1).eval()
     ref = timm_twin(model, **TINY, num_classes=5, qkv_bias=False, in_chans=1)
     x = images(chans=1)
@@ -69,7 +75,7 @@ def test_timm_parity_with_head_and_no_qkv_bias() -> None:
     assert model(x).shape == (2, 5)
 
 
-def test_timm_parity_at_registry_size() -> None:
+def test_timm_parity_at_registry_size(timm) -> None:
     torch.manual_seed(0)
     model = create_vit("vit_tiny_patch16", depth=2).eval()  # 224 px, 16 px patches, 192 wide, 3 heads
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2).eval()
@@ -82,7 +88,7 @@ def test_timm_parity_at_registry_size() -> None:
 
 
 @pytest.mark.parametrize("name", list_vits())
-def test_registry_matches_timm_layout(name: str) -> None:
+def test_registry_matches_timm_layout(timm, name: str) -> None:
     with torch.device("meta"):  # shapes only: no memory, no compute
         ours = create_vit(name)
         ref = timm.create_model(f"{name}_224", pretrained=False, num_classes=0)
