@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
@@ -50,6 +49,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from pretrain.distributed import DistEnv, barrier
 from pretrain.engines.base import Engine
+from pretrain.fileio import atomic_symlink, atomic_write_text, fsync_file
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load; single-process is a supported mode here, not a mistake.
@@ -143,35 +143,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
-
-
-# ---- file helpers ------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` durably: temp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
-def _atomic_symlink(target: str, link: Path) -> None:
-    tmp = link.with_name(f".{link.name}.tmp")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(target, tmp)
-    tmp.replace(link)
-    _fsync_dir(link.parent)
 
 
 def step_dir_name(step: int) -> str:
@@ -290,6 +261,17 @@ class CheckpointManager:
         steps = complete_steps(self.ckpt_dir)
         return self.ckpt_dir / step_dir_name(steps[-1]) if steps else None
 
+    def incomplete_after(self, step: int) -> list[Path]:
+        """Step directories newer than ``step`` without COMPLETE: interrupted saves, ignored on resume."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        found = []
+        for child in sorted(self.ckpt_dir.iterdir()):
+            m = STEP_DIR.match(child.name)
+            if m and int(m.group(1)) > step and child.is_dir() and not (child / COMPLETE).is_file():
+                found.append(child)
+        return found
+
     def save(self, step: int, engine: Engine, trainer_state: dict[str, Any], blocking: bool = True) -> Path:
         """Save model, optimizer and trainer state at ``step`` (collective); return the directory.
 
@@ -398,7 +380,7 @@ class CheckpointManager:
             atomic_write_text(final / "trainer_state.json", json.dumps(state, indent=2))
             marker = {"step": step, "time": time.time(), "world_size": self.env.world_size}
             atomic_write_text(final / COMPLETE, json.dumps(marker))
-            _atomic_symlink(final.name, self.ckpt_dir / "latest")
+            atomic_symlink(final.name, self.ckpt_dir / "latest")
             self._prune(self.ckpt_dir, self.keep_last)
         now = time.perf_counter()
         record = SaveRecord(step, final, paused_s + now - t_mark, now - t0, background)
@@ -451,9 +433,10 @@ class CheckpointManager:
             out.mkdir(parents=True)
             tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in backbone.items()}
             save_file(tensors, str(out / "backbone.safetensors"), metadata={"format": "pt"})
+            fsync_file(out / "backbone.safetensors")  # durable before COMPLETE says it is there
             atomic_write_text(out / "backbone.json", json.dumps(meta, indent=2))
             atomic_write_text(out / COMPLETE, json.dumps({"step": step, "time": time.time()}))
-            _atomic_symlink(out.name, self.export_dir / "latest")
+            atomic_symlink(out.name, self.export_dir / "latest")
         barrier(self.env)
         return out if self.env.is_main else None
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from data_pipelines.loader import LoaderConfig
+from pretrain.fileio import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -106,9 +107,10 @@ class Config:
 
 
 # Keys that may differ between a run's saved config and a resume without changing the maths.
+# Not train.steps: the lr / weight-decay schedules (and methods' own schedules) are functions of it,
+# so raising it would re-plan every step not yet taken (see SCHEDULE_HORIZON_KEYS).
 RESUME_SAFE_KEYS = frozenset(
     {
-        "train.steps",
         "train.log_every",
         "train.ckpt_every",
         "train.keep_last",
@@ -125,6 +127,9 @@ RESUME_SAFE_KEYS = frozenset(
         "metrics.peak_tflops",
     }
 )
+
+# Keys whose change re-plans the schedules of the steps not yet taken; named in the refusal message.
+SCHEDULE_HORIZON_KEYS = frozenset({"train.steps"})
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -236,17 +241,97 @@ def load_config(
     return cfg
 
 
+def _choice(errors: list[str], key: str, value: Any, valid: list[str] | tuple[str, ...]) -> bool:
+    """Append an error unless ``value`` is one of ``valid``; the message names the nearest valid value."""
+    if value in valid:
+        return True
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1, cutoff=0.0)
+    hint = f"; did you mean '{close[0]}'?" if close else "."
+    errors.append(f"{key}={value!r} is not valid{hint} Valid values: {', '.join(map(str, valid))}")
+    return False
+
+
+def _validate_model(model: DictConfig, errors: list[str]) -> None:
+    """The ViT size after the registry's values are overridden: heads divide the width, patches the image."""
+    from pretrain.models import list_vits, vit_architecture
+
+    if not _choice(errors, "model.name", model.name, list_vits()):
+        return
+    _choice(errors, "model.pos_embed", model.pos_embed, ("learned", "sincos"))
+    arch = vit_architecture(model.name)
+    size = {
+        k: (model[k] if model[k] is not None else arch.get(k))
+        for k in ("patch_size", "embed_dim", "depth", "num_heads")
+    }
+    origin = {k: ("" if model[k] is not None else f" (the value of {model.name})") for k in size}
+    for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+        if size[key] is None or size[key] < 1:
+            errors.append(f"model.{key}={size[key]} must be >= 1")
+            return
+    if model.mlp_ratio is not None and model.mlp_ratio <= 0:
+        errors.append(f"model.mlp_ratio={model.mlp_ratio} must be > 0")
+    if model.img_size < 1 or model.img_size % size["patch_size"]:
+        errors.append(
+            f"model.img_size={model.img_size} must be a positive multiple of model.patch_size={size['patch_size']}"
+            f"{origin['patch_size']}"
+        )
+    if size["embed_dim"] % size["num_heads"]:
+        errors.append(
+            f"model.num_heads={size['num_heads']}{origin['num_heads']} must divide model.embed_dim="
+            f"{size['embed_dim']}{origin['embed_dim']}"
+        )
+    if model.pos_embed == "sincos" and size["embed_dim"] % 4:
+        errors.append(f"model.pos_embed=sincos needs model.embed_dim divisible by 4, got {size['embed_dim']}")
+    if not 0.0 <= model.drop_path_rate < 1.0:
+        errors.append(f"model.drop_path_rate={model.drop_path_rate} must be in [0, 1)")
+
+
+def _validate_data(data: DictConfig, errors: list[str]) -> None:
+    from data_pipelines.loader import BACKENDS, DALI_DEVICES, WORKER_PRIORITIES
+
+    ok = _choice(errors, "data.backend", data.backend, BACKENDS)
+    ok &= _choice(errors, "data.dali_device", data.dali_device, DALI_DEVICES)
+    ok &= _choice(errors, "data.worker_priority", data.worker_priority, WORKER_PRIORITIES)
+    if ok:  # the loader's own rules (ranges, shard spec present, ...)
+        try:
+            LoaderConfig(**OmegaConf.to_container(data, resolve=True)).validate()  # type: ignore[arg-type]
+        except ValueError as e:
+            errors.append(str(e))
+
+
+def _check_buildable(cfg: DictConfig, errors: list[str]) -> None:
+    """Build the method on the meta device (no memory, ~50 ms for ViT-L): any rule the constructors
+    enforce that the checks above missed is reported here, before anything is written."""
+    import torch
+
+    from pretrain.methods import build_method
+
+    try:
+        with torch.device("meta"):
+            method = build_method(cfg)
+            method.views()
+            method.flops_per_sample()
+    except (ValueError, TypeError, KeyError, AssertionError, RuntimeError) as e:
+        errors.append(f"the model/method of this config cannot be built: {e}")
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
-    """Cross-field rules; raise :class:`ConfigError` with the offending keys and values."""
+    """Every rule a config must satisfy, checked before anything is written; raise :class:`ConfigError`.
+
+    Keys with a finite set of values name the nearest valid value; cross-field rules name every key
+    involved; finally the method is built on the meta device, so a config that passes here builds.
+    """
     errors: list[str] = []
-    run, train, model, optim, engine = cfg.run, cfg.train, cfg.model, cfg.optim, cfg.engine
+    run, train, optim = cfg.run, cfg.train, cfg.optim
     if not run.name or not _RUN_NAME.match(run.name):
         errors.append(
             f"run.name={run.name!r}: give the run a name of letters, digits, '.', '_' or '-' "
             "(it names the run directory, stable across restarts)"
         )
     micro_total = world_size * train.accum_steps
-    if train.global_batch_size <= 0 or train.global_batch_size % micro_total:
+    if train.accum_steps <= 0:
+        errors.append(f"train.accum_steps={train.accum_steps} must be > 0")
+    elif train.global_batch_size <= 0 or train.global_batch_size % micro_total:
         errors.append(
             f"train.global_batch_size={train.global_batch_size} must be a positive multiple of "
             f"world_size ({world_size}) x train.accum_steps ({train.accum_steps}) = {micro_total}"
@@ -262,31 +347,25 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             errors.append(f"train.{key}={train[key]} must be > 0")
     if train.export_every < 0:
         errors.append(f"train.export_every={train.export_every} must be >= 0 (0: only at the end)")
-    if train.precision not in ("auto", "bf16", "fp32"):
-        errors.append(f"train.precision={train.precision!r}: valid values are auto, bf16, fp32")
-    if engine.name not in ("auto", "fsdp2", "single"):
-        errors.append(f"engine.name={engine.name!r}: valid values are auto, fsdp2, single")
-    if engine.name == "single" and world_size > 1:
+    _choice(errors, "train.precision", train.precision, ("auto", "bf16", "fp32"))
+    engine_ok = _choice(errors, "engine.name", cfg.engine.name, ("auto", "fsdp2", "single"))
+    if engine_ok and cfg.engine.name == "single" and world_size > 1:
         errors.append(f"engine.name=single cannot run on {world_size} ranks; use fsdp2 or auto")
-    if model.pos_embed not in ("learned", "sincos"):
-        errors.append(f"model.pos_embed={model.pos_embed!r}: valid values are learned, sincos")
-    if model.patch_size is not None and model.img_size % model.patch_size:
-        errors.append(
-            f"model.img_size={model.img_size} must be divisible by model.patch_size={model.patch_size}"
-        )
-    if not 0.0 <= model.drop_path_rate < 1.0:
-        errors.append(f"model.drop_path_rate={model.drop_path_rate} must be in [0, 1)")
+    if cfg.engine.timeout_s <= 0:
+        errors.append(f"engine.timeout_s={cfg.engine.timeout_s} must be > 0 (seconds)")
     if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
         errors.append(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
     if optim.clip_grad is not None and optim.clip_grad <= 0:
         errors.append(f"optim.clip_grad={optim.clip_grad} must be > 0 or null")
-    if train.accum_steps <= 0:
-        errors.append(f"train.accum_steps={train.accum_steps} must be > 0")
+    _validate_model(cfg.model, errors)
+    _validate_data(cfg.data, errors)
     from pretrain.methods import method_config_class
 
     check = getattr(method_config_class(cfg.method.name), "validate", None)
     if check is not None:
         errors.extend(check(cfg))
+    if not errors:
+        _check_buildable(cfg, errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
@@ -328,38 +407,67 @@ def diff_configs(saved: DictConfig | dict, current: DictConfig | dict) -> dict[s
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def write_or_check_run_config(cfg: DictConfig, run_dir: Path, resuming_step: int | None) -> None:
-    """Write ``config.yaml`` once; on resume refuse a conflicting config unless allowed.
+def check_run_config(cfg: DictConfig, run_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """Compare ``cfg`` with the run's saved ``config.yaml`` (if any); write nothing.
 
-    Keys in :data:`RESUME_SAFE_KEYS` may change freely. When a change is allowed, the previous
-    config is kept beside it as ``config.before_step_<N>.yaml`` so nothing written is lost.
+    Returns:
+        The changed keys, ``{key: (saved, now)}`` (empty for a new run or the same config).
+
+    Raises:
+        ConfigError: a change outside :data:`RESUME_SAFE_KEYS` without ``resume.allow_config_change``;
+            the message lists every such key with both values.
     """
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return {}
+    try:
+        saved = OmegaConf.load(path)
+    except Exception as e:  # yaml errors
+        raise ConfigError(
+            f"{path}: the run's saved config is not readable YAML ({e}); it was not changed"
+        ) from None
+    changed = diff_configs(saved, cfg)
+    conflicts = {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
+    if conflicts and not cfg.resume.allow_config_change:
+        lines = "\n".join(f"  {k}: saved {a!r} -> now {b!r}" for k, (a, b) in conflicts.items())
+        why = ""
+        if SCHEDULE_HORIZON_KEYS & set(conflicts):
+            why = (
+                "\ntrain.steps is the horizon of the lr and weight-decay schedules (and of a method's own "
+                "schedules): changing it re-plans every step not yet taken (the steps already taken keep "
+                "theirs). To extend or shorten the run that way, pass resume.allow_config_change=true."
+            )
+        raise ConfigError(
+            f"{path}: this run was started with a different config; resuming with these changes "
+            f"would not continue the same run:\n{lines}{why}\n"
+            "Use the saved values, pick a new run.name, or pass resume.allow_config_change=true."
+        )
+    return changed
+
+
+def write_run_config(cfg: DictConfig, run_dir: Path, resuming_step: int | None) -> None:
+    """Write ``config.yaml`` (first start) or replace it after an allowed change, keeping the old one.
+
+    The previous config is kept as ``config.before_step_<N>.yaml``, so nothing written is lost.
+    Call :func:`check_run_config` first; this writes whatever it is given.
+    """
+    run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
     text = to_yaml(cfg)
     if not path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, text)
+        atomic_write_text(path, text)
         return
-    saved = OmegaConf.load(path)
-    changed = diff_configs(saved, cfg)
-    if not changed:
+    if path.read_text() == text:
         return
-    conflicts = {k: v for k, v in changed.items() if k not in RESUME_SAFE_KEYS}
-    if conflicts and not cfg.resume.allow_config_change:
-        lines = "\n".join(f"  {k}: saved {a!r} -> now {b!r}" for k, (a, b) in conflicts.items())
-        raise ConfigError(
-            f"{path}: this run was started with a different config; resuming with these changes "
-            f"would not continue the same run:\n{lines}\n"
-            "Use the saved values, pick a new run.name, or pass resume.allow_config_change=true."
-        )
     step = resuming_step if resuming_step is not None else 0
     backup = run_dir / f"config.before_step_{step:08d}.yaml"
     if not backup.exists():
-        _atomic_write(backup, path.read_text())
-    _atomic_write(path, text)
+        atomic_write_text(backup, path.read_text())
+    atomic_write_text(path, text)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def write_or_check_run_config(cfg: DictConfig, run_dir: Path, resuming_step: int | None) -> None:
+    """:func:`check_run_config`, then :func:`write_run_config`."""
+    if check_run_config(cfg, run_dir) or not (Path(run_dir) / "config.yaml").exists():
+        write_run_config(cfg, run_dir, resuming_step)

@@ -107,13 +107,6 @@ def all_reduce_mean(tensors: list[torch.Tensor], env: DistEnv) -> list[torch.Ten
     return list(stacked.unbind())
 
 
-def all_reduce_max(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    if env.distributed:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier(group=env.control_group)

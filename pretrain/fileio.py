@@ -13,11 +13,27 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["atomic_symlink", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "sha256_file"]
+__all__ = [
+    "atomic_symlink",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+    "fsync_file",
+    "sha256_file",
+]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make the entries of directory ``path`` (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a file another library wrote (e.g. safetensors) to stable storage."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -62,8 +62,11 @@ class MetricsWriter:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events a killed attempt wrote after the checkpoint we resume from.
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step or None)
+            # purge_step drops the events a killed attempt wrote after the checkpoint we resume from:
+            # those of steps > start_step (the points of start_step itself were logged before its save).
+            self.tb = SummaryWriter(
+                log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None
+            )
 
     def event(self, kind: str, **fields: Any) -> None:
         """A non-scalar record (start, resume, checkpoint, stop) in metrics.jsonl."""

@@ -15,6 +15,7 @@ import argparse
 import faulthandler
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -59,27 +60,89 @@ def _setup_logging(rank: int) -> None:
     )
 
 
+class CollectiveTimeoutError(RuntimeError):
+    """A collective did not complete within ``engine.timeout_s``: a peer rank stalled or died."""
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a process-group operation that ran into its timeout (gloo or NCCL)."""
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return bool(re.search(r"timed out|timeout", text, re.IGNORECASE)) and bool(
+        re.search(r"gloo|nccl|recv|send|collective|all_?reduce|barrier|Work", text, re.IGNORECASE)
+    )
+
+
+def _agree_or_raise(env: Any, error: BaseException | None, what: str) -> None:
+    """All ranks learn whether rank 0's ``what`` failed; non-zero ranks then stop without waiting."""
+    from pretrain.distributed import agree_each
+
+    (failed,) = agree_each(env, [error is not None])
+    if error is not None:
+        raise error
+    if failed:
+        raise RankZeroFailedError(f"rank 0 could not {what} (its log says why)")
+
+
+class RankZeroFailedError(RuntimeError):
+    """Rank 0 failed a set-up step that every rank depends on; its own log holds the reason."""
+
+
 def run(cfg: Any) -> int:
-    """Train according to a resolved config inside an already configured process environment."""
+    """Train according to a resolved config inside an already configured process environment.
+
+    Order: take the run directory (rank 0), check the saved config, build method, engine and
+    loader, resume, and only then write ``config.yaml``: a config that cannot be built never
+    locks the run name.
+    """
+    from pretrain.config import check_run_config
+    from pretrain.distributed import init_distributed
+    from pretrain.run_lock import RunLock
+
+    env = init_distributed(cfg.engine.timeout_s, require_group=cfg.engine.name == "fsdp2")
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    lock = RunLock(run_dir) if env.is_main else None
+    error: BaseException | None = None
+    if lock is not None:
+        try:
+            lock.acquire()
+            check_run_config(cfg, run_dir)
+        except BaseException as e:
+            lock.release()
+            error = e
+    _agree_or_raise(env, error, "take the run directory")
+    try:
+        return _run_owned(cfg, env, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_owned(cfg: Any, env: Any, run_dir: Path) -> int:
     from data_pipelines.loader import build_loader
     from pretrain.checkpoint import CheckpointManager
-    from pretrain.config import micro_batch_size, write_or_check_run_config
-    from pretrain.distributed import barrier, init_distributed
+    from pretrain.config import micro_batch_size, write_run_config
+    from pretrain.distributed import barrier
     from pretrain.engines import build_engine
     from pretrain.methods import build_method
     from pretrain.metrics import MetricsWriter
     from pretrain.trainer import Trainer
 
-    env = init_distributed(cfg.engine.timeout_s, require_group=cfg.engine.name == "fsdp2")
-    run_dir = Path(cfg.run.root) / cfg.run.name
     checkpoints = CheckpointManager(
         run_dir, env, cfg.train.keep_last, cfg.train.async_checkpoint, cfg.engine.timeout_s
     )
     latest = checkpoints.latest()
     resume_step = int(latest.name.split("_")[1]) if latest else None
-    if env.is_main:
-        write_or_check_run_config(cfg, run_dir, resume_step)
-    barrier(env)
+    ignored = checkpoints.incomplete_after(resume_step or 0)
+    if env.is_main and ignored:
+        log.warning(
+            "ignoring %s: interrupted save%s without a %s marker (not a checkpoint); %s",
+            ", ".join(str(p) for p in ignored),
+            "s" if len(ignored) > 1 else "",
+            "COMPLETE",
+            f"resuming from {latest}" if latest else "starting from step 0",
+        )
 
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -120,6 +183,10 @@ def run(cfg: Any) -> int:
         seed=cfg.run.seed,
         start_batch=start_step * cfg.train.accum_steps,
     )
+    # The run is built: only now does its name get a config (a config that fails above locks nothing).
+    if env.is_main:
+        write_run_config(cfg, run_dir, resume_step)
+    barrier(env)
     writer = MetricsWriter(run_dir, start_step, env.is_main)
     writer.event(
         "start", step=start_step, world_size=env.world_size, resumed=latest is not None, resume_s=resume_s
@@ -143,6 +210,17 @@ def run(cfg: Any) -> int:
     try:
         result = trainer.fit(start_step)
         finished_cleanly = True
+    except RuntimeError as e:
+        if not is_collective_timeout(e):
+            raise
+        log.debug("collective timeout", exc_info=e)
+        latest = checkpoints.latest()
+        raise CollectiveTimeoutError(
+            f"a collective operation timed out after engine.timeout_s={cfg.engine.timeout_s} s during step "
+            f"{trainer.step + 1}: another rank stalled or died (its log says why). The last complete "
+            f"checkpoint is {latest or 'none (the run restarts from step 0)'}; run the same command to "
+            "resume from it."
+        ) from None
     finally:
         # After an error a peer may be gone: complete a background save only if its write is done.
         checkpoints.close(wait=finished_cleanly)
@@ -157,16 +235,40 @@ def run(cfg: Any) -> int:
     return EXIT_STOPPED
 
 
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "fix the input" (exit code 2): a restart or requeue would fail the same way."""
+    from data_pipelines.dali import DaliUnavailableError
+    from data_pipelines.loader import CorruptDataError, ShardSpecError
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import ConfigError
+    from pretrain.run_lock import RunOwnedError
+
+    return (
+        ConfigError,
+        CheckpointError,
+        ShardSpecError,
+        CorruptDataError,
+        DaliUnavailableError,
+        RunOwnedError,
+        RankZeroFailedError,
+    )
+
+
+def failure_errors() -> tuple[type[BaseException], ...]:
+    """Errors reported in one line that end the run with exit code 1 (the message says what to do)."""
+    from pretrain.checkpoint import CheckpointWriteError
+    from pretrain.trainer import NonFiniteLossError
+
+    return (NonFiniteLossError, CheckpointWriteError, CollectiveTimeoutError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
-    from data_pipelines.loader import CorruptDataError, ShardSpecError
     from pretrain import preemption
-    from pretrain.checkpoint import CheckpointError, CheckpointWriteError
     from pretrain.config import ConfigError, load_config, to_yaml
     from pretrain.distributed import shutdown, world_size_from_env
-    from pretrain.trainer import NonFiniteLossError
 
     try:
         cfg = load_config(args.config, args.overrides, world_size=world_size_from_env())
@@ -179,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     preemption.install_handlers()
     try:
         return run(cfg)
-    except (ConfigError, CheckpointError, ShardSpecError, CorruptDataError) as e:
+    except bad_input_errors() as e:
         log.error("%s", e)
         return EXIT_BAD_INPUT
-    except (NonFiniteLossError, CheckpointWriteError) as e:
+    except failure_errors() as e:
         log.error("%s", e)
         return EXIT_FAILED
     finally:

@@ -64,6 +64,7 @@ class Trainer:
         self.flops_per_sample = float(self.method.flops_per_sample())
         self.peak_flops = device_peak_flops(self.device, cfg.metrics.peak_tflops)
         self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=self.device)
+        self.step = 0  # optimizer steps completed (the loop's position, for error messages)
         checkpoints.on_complete = self._on_checkpoint
 
     # ---- schedules ---------------------------------------------------------------------------
@@ -87,7 +88,7 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, start_step: int) -> TrainResult:
         cfg, env = self.cfg, self.env
-        step = start_step
+        step = self.step = start_step
         interval = _Interval()
         last_grad_norm = torch.zeros((), device=self.device)
         lr = wd = 0.0
@@ -117,6 +118,7 @@ class Trainer:
             )  # NaN is sticky in the sum
             self._first_bad = torch.where(bad & (self._first_bad == _NO_BAD_STEP), step, self._first_bad)
             step += 1
+            self.step = step
             interval.steps += 1
 
             # One CPU all-reduce per step: any rank asked to stop? is any rank still writing a checkpoint?
@@ -134,6 +136,7 @@ class Trainer:
                 self.checkpoints.save(step, self.engine, self._trainer_state(step), blocking=stop or last)
             export_every = cfg.train.export_every
             if step == self.total_steps or (export_every and step % export_every == 0):
+                self._check_finite()  # an export is never written from non-finite weights
                 self.checkpoints.export(step, self.engine, {"run": cfg.run.name})
             if stop:
                 self.writer.event("stopped", step=step, reason=preemption.stop_reason())

@@ -59,9 +59,17 @@ def test_unknown_key_in_yaml_names_file(tmp_path: Path):
         (["train.global_batch_size=100"], 3, "multiple of world_size \\(3\\) x train.accum_steps"),
         (["train.keep_last=1"], 1, "keep_last=1 must be >= 2"),
         (["optim.warmup_steps=-1"], 1, "warmup_steps=-1"),
-        (["train.precision=fp16"], 1, "valid values are auto, bf16, fp32"),
+        (
+            ["train.precision=fp16"],
+            1,
+            "train.precision='fp16' is not valid; did you mean 'bf16'\\? Valid values: auto, bf16, fp32",
+        ),
+        (["engine.name=fsdp"], 1, "did you mean 'fsdp2'"),
+        (["model.name=vit_base"], 1, "model.name='vit_base' is not valid; did you mean 'vit_base_patch16'"),
+        (["data.backend=dalli"], 1, "data.backend='dalli' is not valid; did you mean 'dali'"),
+        (["model.num_heads=7"], 1, "model.num_heads=7 must divide model.embed_dim=96"),
         (["method.mask_ratio=1.5"], 1, "mask_ratio=1.5 must be in"),
-        (["model.patch_size=5"], 1, "divisible by model.patch_size=5"),
+        (["model.patch_size=5"], 1, "multiple of model.patch_size=5"),
         (["run.name=has space"], 1, "run.name"),
         (["train.steps=abc"], 1, "train.steps"),
     ],
@@ -69,6 +77,18 @@ def test_unknown_key_in_yaml_names_file(tmp_path: Path):
 def test_validation_errors(overrides, world, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(TINY_MAE, overrides, world_size=world)
+
+
+def test_size_rules_name_the_registry_values_they_use():
+    base = ["method.name=mae", "run.name=x", "data.backend=synthetic", "model.name=vit_small_patch16"]
+    with pytest.raises(
+        ConfigError, match=r"model.num_heads=5 must divide model.embed_dim=384 \(the value of"
+    ):
+        load_config(None, [*base, "model.num_heads=5"])
+    with pytest.raises(
+        ConfigError, match=r"model.img_size=100 must be a positive multiple of model.patch_size=16"
+    ):
+        load_config(None, [*base, "model.img_size=100"])
 
 
 def test_unknown_method_suggests():
@@ -99,8 +119,11 @@ def test_resume_conflict_refused_then_allowed(tmp_path: Path):
     run_dir = tmp_path / "run"
     cfg = load_config(TINY_MAE)
     write_or_check_run_config(cfg, run_dir, None)
-    # safe change: more steps, different logging
-    write_or_check_run_config(load_config(TINY_MAE, ["train.steps=900", "train.log_every=5"]), run_dir, 100)
+    # safe change: different logging
+    write_or_check_run_config(load_config(TINY_MAE, ["train.log_every=5"]), run_dir, 100)
+    # the schedules' horizon is not a free change: it says why
+    with pytest.raises(ConfigError, match=r"train.steps: saved 300 -> now 900(.|\n)*horizon of the lr"):
+        write_or_check_run_config(load_config(TINY_MAE, ["train.steps=900"]), run_dir, 100)
     changed = load_config(TINY_MAE, ["optim.base_lr=0.1"])
     with pytest.raises(ConfigError, match=r"optim.base_lr: saved 0.0015 -> now 0.1"):
         write_or_check_run_config(changed, run_dir, 100)

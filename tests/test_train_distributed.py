@@ -3,6 +3,7 @@ resume bit for bit, kill during checkpoint saves, resharding 2 ranks -> 1, a mal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -325,3 +326,75 @@ def test_export_loads_strict_into_timm_with_same_features(tmp_path: Path):
     torch.testing.assert_close(
         ref.eval().forward_features(x), ours.eval().forward_features(x), atol=1e-5, rtol=1e-5
     )
+
+
+def _child_with_rank(parent_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's child process whose environment says RANK=<rank>."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if ppid == parent_pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_stalled_rank_ends_the_job_with_one_line_naming_step_and_checkpoint(tmp_path: Path):
+    """SIGSTOP on rank 1: rank 0's next collective times out after engine.timeout_s and says so."""
+    args = common(
+        tmp_path,
+        "stall",
+        "data.backend=synthetic",
+        "train.steps=100000",
+        "train.global_batch_size=8",
+        "train.ckpt_every=2",
+        "engine.timeout_s=10",
+    )
+    proc = subprocess.Popen(
+        train_cmd(2, *args),
+        env=python_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    stalled = None
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (len(losses_or_empty(tmp_path / "stall")) >= 4):
+            time.sleep(0.2)
+        stalled, rank0 = _child_with_rank(proc.pid, 1), _child_with_rank(proc.pid, 0)
+        assert stalled is not None and rank0 is not None, "the ranks' processes were not found"
+        os.kill(stalled, signal.SIGSTOP)
+        t0 = time.time()
+        while Path(f"/proc/{rank0}").exists() and time.time() - t0 < 120:
+            time.sleep(0.2)
+        assert time.time() - t0 < 10 + 30, "rank 0 did not end within the timeout (+ its clean-up)"
+        os.kill(stalled, signal.SIGKILL)  # torchrun would wait 30 s for a stopped process to honour SIGTERM
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if stalled is not None:
+            for sig in (signal.SIGKILL, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stalled, sig)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    line = next((x for x in out.splitlines() if "a collective operation timed out" in x), None)
+    assert line is not None, out[-4000:]
+    assert (
+        "engine.timeout_s=10 s during step" in line
+        and "step_000000" in line
+        and "run the same command" in line
+    )
+    ours = out.split("failed (exitcode")[0]  # what follows is torchrun's own report of the failure
+    assert "Timed out waiting" not in out and "Traceback" not in ours, out[-4000:]
+
+
+def losses_or_empty(run_dir: Path) -> dict[int, float]:
+    return losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}

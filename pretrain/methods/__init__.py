@@ -52,7 +52,7 @@ def _lookup(name: str) -> tuple[type[Method], type]:
     if name not in _METHODS:
         close = difflib.get_close_matches(name, list(_METHODS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise KeyError(f"unknown method.name '{name}'{hint} Valid methods: {', '.join(sorted(_METHODS))}")
+        raise KeyError(f"unknown method.name '{name}'{hint}. Valid methods: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from data_pipelines.augment import ViewSpec
+from data_pipelines.augment import ViewSpec, mae_views
 from pretrain.methods import register_method
 from pretrain.methods.base import Method, MethodConfigBase
 from pretrain.models import Block, create_vit
@@ -182,14 +182,8 @@ class MAE(Method):
 
     # ---- contract with the trainer -------------------------------------------------------------
     def views(self) -> list[ViewSpec]:
-        return [
-            ViewSpec(
-                size=self.encoder.img_size[0],
-                scale=self.crop_scale,
-                hflip_p=self.hflip_p,
-                interpolation="bicubic",
-            )
-        ]
+        """The paper's one view (RandomResizedCrop, bicubic, + flip) at the encoder's resolution."""
+        return mae_views(self.encoder.img_size[0], self.crop_scale, hflip_p=self.hflip_p)
 
     def shard_units(self) -> list[nn.Module]:
         return [*self.encoder.blocks, *self.decoder_blocks]

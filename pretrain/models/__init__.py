@@ -1,6 +1,13 @@
 """Model definitions: the Vision Transformer, position embeddings and analytic FLOP counts."""
 
 from pretrain.models.pos_embed import get_2d_sincos_pos_embed
-from pretrain.models.vit import Block, VisionTransformer, create_vit, list_vits
+from pretrain.models.vit import Block, VisionTransformer, create_vit, list_vits, vit_architecture
 
-__all__ = ["Block", "VisionTransformer", "create_vit", "get_2d_sincos_pos_embed", "list_vits"]
+__all__ = [
+    "Block",
+    "VisionTransformer",
+    "create_vit",
+    "get_2d_sincos_pos_embed",
+    "list_vits",
+    "vit_architecture",
+]

@@ -479,6 +479,20 @@ def list_vits() -> list[str]:
     return sorted(_VIT_CONFIGS)
 
 
+def vit_architecture(name: str) -> dict[str, Any]:
+    """The registered size of ``name`` (patch_size, embed_dim, depth, num_heads, img_size, ...).
+
+    Raises:
+        ValueError: unknown name; the message names the nearest valid one.
+    """
+    if name not in _VIT_CONFIGS:
+        names = list_vits()
+        raise ValueError(
+            f"unknown ViT {name!r}; did you mean {_nearest(name, names)!r}? Valid names: {', '.join(names)}"
+        )
+    return {**_DEFAULTS, **_VIT_CONFIGS[name]}
+
+
 def _nearest(name: str, choices: list[str]) -> str:
     return (difflib.get_close_matches(name, choices, n=1, cutoff=0.0) or choices[:1])[0]
 
