@@ -4,7 +4,7 @@ Usage::
 
     python -m data_pipelines.build_shards SOURCE OUT [--split train|test] [--shard-size 1000]
         [--workers N] [--limit N] [--image-format png|jpg|pnm] [--source-type KIND]
-        [--alpha-background white|black] [--overwrite] [--quiet]
+        [--seed N | --no-shuffle] [--alpha-background white|black] [--overwrite] [--quiet]
 
 ``SOURCE`` is a directory (IDX files, an ImageFolder tree, or a folder of images with a
 ``<name>.txt`` caption beside each), a ``.csv``/``.tsv`` of ``path,caption`` rows, or a known data
@@ -22,9 +22,16 @@ receives::
 Stored images are always 8-bit grey or RGB (alpha composited onto ``--alpha-background``, palette
 and CMYK converted), so every decoder -- PIL for the ``wds`` backend, DALI's -- sees the same pixels.
 
-Shard ``i`` holds source items ``[i * shard_size, (i + 1) * shard_size)`` minus the ones that fail
-validation (decoded here; 0-byte or undecodable files are skipped and listed with the reason), so
-shard contents are a pure function of the source and the arguments, whichever worker writes them.
+Order: samples are written in a seeded global shuffle. Shard ``i`` holds the source items at
+positions ``[i * shard_size, (i + 1) * shard_size)`` of a permutation of the source indices
+(:func:`data_pipelines.seeds.permutation` seeded from ``--seed``; the manifest records
+``shuffle_seed``), minus the ones that fail validation (decoded here; 0-byte or undecodable files
+are skipped and listed with the reason). So every shard is a random sample of the whole source: an
+ImageFolder source is listed class by class, and in source order each shard would hold one class
+(a loader batch then mixes only the few shards a slot reads at once, see
+:mod:`data_pipelines.wds`). ``--no-shuffle`` keeps source order (``shuffle_seed`` is ``null``).
+Sources are random access by index, so the shuffle costs the build nothing per sample. Shard
+contents are a pure function of the source and the arguments, whichever worker writes them.
 Tar headers carry fixed metadata (mtime 0, uid/gid 0), so rebuilding gives byte-identical shards.
 
 Interruption: each shard is written to a temporary name and renamed when complete, then its
@@ -64,8 +71,10 @@ from tqdm import tqdm
 
 from data_pipelines import sources as src
 from data_pipelines.datasets import DatasetNotFoundError
+from data_pipelines.seeds import derive_seed, permutation
 from data_pipelines.sources import SkipSample
 from data_pipelines.tar_index import SampleEntry, TarMember, group_samples, scan_tar, write_dali_index
+from pretrain.fileio import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +83,7 @@ MANIFEST_NAME = "manifest.json"
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "pnm": "PPM"}  # --image-format -> PIL format
 JPEG_QUALITY = 95
 _LOCK_NAME = ".build_shards.lock"
+_TAG_BUILD_ORDER = 11  # derive_seed tag of the global shuffle (the loader's tags are 1-3)
 
 
 class BuildError(ValueError):
@@ -191,11 +201,16 @@ def encode_image(
 
 @dataclass(frozen=True)
 class ShardTask:
-    """Everything a worker process needs to write one shard."""
+    """Everything a worker process needs to write one shard.
+
+    ``items`` are the source indices written, in this order; they sit at positions
+    ``[start, stop)`` of the build's (shuffled or source) order.
+    """
 
     index: int
     start: int
     stop: int
+    items: tuple[int, ...]
     out_dir: str
     image_format: str
     fingerprint: str
@@ -209,23 +224,6 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _iter_members(
@@ -249,7 +247,8 @@ def write_shard(task: ShardTask, on_sample: Callable[[], None] | None = None) ->
         on_sample: called after each source item (progress).
 
     Returns:
-        The shard record: name, num_samples, bytes, sha256, first/stop source index, skipped list.
+        The shard record: name, num_samples, bytes, sha256, first/stop position in the build order,
+        skipped list.
     """
     source = src.reopen(task.spec)
     out = Path(task.out_dir)
@@ -260,7 +259,7 @@ def write_shard(task: ShardTask, on_sample: Callable[[], None] | None = None) ->
     skipped: list[dict[str, Any]] = []
     with open(tmp, "wb") as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for i in range(task.start, task.stop):
+            for i in task.items:
                 try:
                     item = source.item(i)
                     members, _ = _iter_members(item, task.image_format, task.background)
@@ -296,13 +295,28 @@ def write_shard(task: ShardTask, on_sample: Callable[[], None] | None = None) ->
     if samples:
         write_dali_index(idx_path, samples)
         record["bytes"] = tmp.stat().st_size
-        record["sha256"] = _sha256_file(tmp)
+        record["sha256"] = sha256_file(tmp)
         os.replace(tmp, tar_path)
     else:  # every item skipped: no tar (an empty tar is not a valid WebDataset shard)
         tmp.unlink()
         record["bytes"], record["sha256"] = 0, None
-    _atomic_write_text(done_path, json.dumps(record, indent=1, sort_keys=True))
+    atomic_write_text(done_path, json.dumps(record, indent=1, sort_keys=True))
     return record
+
+
+def build_order(num_items: int, shuffle_seed: int | None) -> list[int]:
+    """The source indices in the order shards are written: a seeded permutation, or source order.
+
+    Args:
+        num_items: number of source items.
+        shuffle_seed: seed of the global shuffle; ``None`` keeps source order.
+
+    Returns:
+        A permutation of ``range(num_items)``.
+    """
+    if shuffle_seed is None:
+        return list(range(num_items))
+    return permutation(num_items, derive_seed(_TAG_BUILD_ORDER, shuffle_seed))
 
 
 def _write_shard_quiet(task: ShardTask) -> dict[str, Any]:
@@ -332,7 +346,7 @@ def _finished(out: Path, index: int, fingerprint: str) -> dict[str, Any] | None:
     tar_path, idx_path = out / f"{stem}.tar", out / f"{stem}.idx"
     if not tar_path.is_file() or tar_path.stat().st_size != record["bytes"]:
         return None
-    if _sha256_file(tar_path) != record["sha256"]:
+    if sha256_file(tar_path) != record["sha256"]:
         log.warning("%s: sha256 differs from its .done record; rebuilding it", tar_path)
         return None
     if not idx_path.is_file():  # rebuild only the index from the (verified) tar
@@ -340,8 +354,10 @@ def _finished(out: Path, index: int, fingerprint: str) -> dict[str, Any] | None:
     return record
 
 
-def _fingerprint(source: src.SampleSource, shard_size: int, image_format: str, background: str) -> str:
-    desc = {
+def _fingerprint(
+    source: src.SampleSource, shard_size: int, image_format: str, background: str, shuffle_seed: int | None
+) -> str:
+    desc: dict[str, Any] = {
         "version": FORMAT_VERSION,
         "spec": asdict(source.spec),
         "num_items": len(source),
@@ -349,12 +365,24 @@ def _fingerprint(source: src.SampleSource, shard_size: int, image_format: str, b
         "image_format": image_format,
         "alpha_background": background,
     }
+    if shuffle_seed is not None:  # source-order builds keep the fingerprint they had before shuffling existed
+        desc["shuffle_seed"] = shuffle_seed
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _our_files(out: Path) -> Iterator[Path]:
-    for pattern in ("shard-*.tar", "shard-*.idx", "shard-*.done", "shard-*.tmp.*", f"{MANIFEST_NAME}*"):
+    for pattern in ("shard-*.tar", "shard-*.idx", "shard-*.done", f"{MANIFEST_NAME}*"):
         yield from out.glob(pattern)
+    yield from _leftovers(out)
+
+
+# Temporary files of a killed run: the tar being written (shard-N.tar.tmp.PID) and the files that
+# pretrain.fileio writes atomically (.shard-N.done.tmp.PID, .shard-N.idx.tmp.PID, .manifest.json.tmp.PID).
+_TMP_PATTERNS = ("shard-*.tmp.*", ".shard-*.tmp.*", f"{MANIFEST_NAME}.tmp.*", f".{MANIFEST_NAME}.tmp.*")
+
+
+def _leftovers(out: Path) -> list[Path]:
+    return [p for pattern in _TMP_PATTERNS for p in out.glob(pattern)]
 
 
 @contextlib.contextmanager
@@ -386,6 +414,8 @@ def build_shards(
     progress: bool = True,
     source_type: str | None = None,
     alpha_background: str = "white",
+    shuffle: bool = True,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Build (or finish building) the shards of a source; returns the manifest.
 
@@ -403,6 +433,8 @@ def build_shards(
         source_type: force a source kind (``idx``, ``captions``, ``imagefolder``, ``csv``)
             instead of detecting the layout.
         alpha_background: ``white`` or ``black``: what transparent pixels are composited onto.
+        shuffle: write the items in a seeded global shuffle (default); ``False`` keeps source order.
+        seed: seed of that shuffle (recorded in the manifest as ``shuffle_seed``).
 
     Returns:
         The manifest (also written to ``OUT/manifest.json``).
@@ -429,11 +461,12 @@ def build_shards(
     if out_dir.exists() and not out_dir.is_dir():
         raise BuildError(f"OUT {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(source_obj, shard_size, image_format, alpha_background)
+    shuffle_seed = int(seed) if shuffle else None
+    fingerprint = _fingerprint(source_obj, shard_size, image_format, alpha_background, shuffle_seed)
     num_shards = math.ceil(len(source_obj) / shard_size)
 
     with _locked(out_dir):
-        for leftover in [*out_dir.glob("shard-*.tmp.*"), *out_dir.glob(f"{MANIFEST_NAME}.tmp.*")]:
+        for leftover in _leftovers(out_dir):
             log.info("removing leftover temporary file %s", leftover)
             leftover.unlink()
         foreign = [
@@ -455,11 +488,13 @@ def build_shards(
             record = _finished(out_dir, i, fingerprint)
             if record is not None:
                 records[i] = record
+        order = build_order(len(source_obj), shuffle_seed) if len(records) < num_shards else []
         tasks = [
             ShardTask(
                 index=i,
                 start=i * shard_size,
                 stop=min((i + 1) * shard_size, len(source_obj)),
+                items=tuple(order[i * shard_size : (i + 1) * shard_size]),
                 out_dir=str(out_dir),
                 image_format=image_format,
                 fingerprint=fingerprint,
@@ -510,6 +545,7 @@ def build_shards(
             "split": split,
             "image_format": image_format,
             "alpha_background": alpha_background,
+            "shuffle_seed": shuffle_seed,
             "members": [
                 *(["pgm", "ppm"] if image_format == "pnm" else [image_format]),
                 *(["cls"] if source_obj.classes is not None else []),
@@ -534,7 +570,7 @@ def build_shards(
             "skipped": [s for r in ordered for s in r["skipped"]],
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
-        _atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1))
+        atomic_write_text(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -581,6 +617,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="white",
         help="colour transparent pixels are composited onto (default white)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the global shuffle the samples are written in (default 0; recorded in the manifest)",
+    )
+    parser.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="keep source order (ImageFolder: class by class, so each shard holds one or a few classes)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace shards built with other arguments")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -598,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.quiet,
             source_type=args.source_type,
             alpha_background=args.alpha_background,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
         )
     except (src.SourceError, BuildError, DatasetNotFoundError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

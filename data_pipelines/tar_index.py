@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from pretrain.fileio import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 BLOCK = 512
@@ -139,6 +141,22 @@ def scan_tar(path: str | os.PathLike[str]) -> list[TarMember]:
         TarIndexError: the file is missing or is not a tar archive.
     """
     return _scan(path)[0]
+
+
+def scan_tar_status(path: str | os.PathLike[str]) -> tuple[list[TarMember], bool]:
+    """:func:`scan_tar`, and whether the archive ended cleanly (``False``: cut short or damaged).
+
+    Args:
+        path: the tar file.
+
+    Returns:
+        (members, complete): ``complete`` is true when the scan reached the end-of-archive marker
+        (or the end of the file on a member boundary) and every member's data lies inside the file.
+
+    Raises:
+        TarIndexError: the file is missing or is not a tar archive.
+    """
+    return _scan(path)
 
 
 def _scan(path: str | os.PathLike[str]) -> tuple[list[TarMember], bool]:
@@ -260,16 +278,16 @@ def format_dali_index(samples: Sequence[SampleEntry]) -> str:
 
 
 def write_dali_index(path: str | os.PathLike[str], samples: Sequence[SampleEntry]) -> None:
-    """Write a DALI-compatible index file atomically (temp file + rename).
+    """Write a DALI-compatible index file atomically and durably (:func:`pretrain.fileio.atomic_write_text`).
 
     Args:
         path: destination ``.idx`` path.
         samples: the shard's samples in archive order.
+
+    Raises:
+        OSError: the directory is not writable.
     """
-    dest = Path(path)
-    tmp = dest.with_name(dest.name + f".tmp.{os.getpid()}")
-    tmp.write_text(format_dali_index(samples), encoding="utf-8")
-    os.replace(tmp, dest)
+    atomic_write_text(path, format_dali_index(samples))
 
 
 def read_dali_index(path: str | os.PathLike[str]) -> list[SampleEntry]:

@@ -77,6 +77,9 @@ def test_idx_build_manifest_checksums_and_index(fmnist_dir: Path, tmp_path: Path
 
     images = sources.read_idx(fmnist_dir / "train-images-idx3-ubyte.gz")
     labels = sources.read_idx(fmnist_dir / "train-labels-idx1-ubyte.gz")
+    assert manifest["shuffle_seed"] == 0  # written in a seeded global shuffle by default
+    order = bs.build_order(600, 0)
+    assert sorted(order) == list(range(600)) and order != list(range(600))
     # The .idx files: DALI's header line, offsets pointing at the member data, equal to a header scan.
     tar = out / "shard-000002.tar"
     text = (out / "shard-000002.idx").read_text()
@@ -87,7 +90,7 @@ def test_idx_build_manifest_checksums_and_index(fmnist_dir: Path, tmp_path: Path
     with tarfile.open(tar) as tf:
         by_name = {m.name: m for m in tf.getmembers()}
     for j, entry in enumerate(entries):
-        index = 200 + j
+        index = order[200 + j]  # shard 2 holds positions 200..299 of the build order
         assert entry.key == f"{index:09d}" and set(entry.components) == {"png", "cls", "json"}
         for member in entry.components.values():
             assert by_name[member.name].offset_data == member.offset
@@ -131,12 +134,14 @@ def test_resume_rebuilds_only_missing_shards(fmnist_dir: Path, tmp_path: Path) -
     mtimes = {p.name: p.stat().st_mtime_ns for p in tars}
 
     tars[1].unlink()  # a shard lost
-    (out / "shard-000003.tar.tmp.12345").write_bytes(b"half a shard")  # a leftover from a killed run
+    (out / "shard-000003.tar.tmp.12345").write_bytes(b"half a shard")  # leftovers from a killed run
+    (out / ".shard-000003.done.tmp.12345").write_text("{")  # pretrain.fileio's temporary names
+    (out / ".manifest.json.tmp.12345").write_text("{")
     (out / "shard-000002.idx").unlink()  # index lost: regenerated from the intact tar
     second = bs.build_shards(fmnist_dir, out, limit=400, shard_size=100, progress=False)
 
     assert second["shards"] == first["shards"]
-    assert not list(out.glob("*.tmp.*"))
+    assert not list(out.glob("*.tmp.*")) and not list(out.glob(".*.tmp.*"))
     assert tars[1].exists() and _sha(tars[1]) == first["shards"][1]["sha256"]
     for p in (tars[0], tars[2], tars[3]):
         assert p.stat().st_mtime_ns == mtimes[p.name], f"{p.name} was rewritten"
@@ -267,6 +272,62 @@ def test_image_folder_split_subfolders(tmp_path: Path) -> None:
             (d / f"{i}.png").write_bytes(_png(np.full((8, 8), i, dtype=np.uint8)))
     m = bs.build_shards(tmp_path / "src", tmp_path / "test", split="test", progress=False)
     assert m["num_samples"] == 2 and m["classes"] == ["only"]
+
+
+def _class_folder(root: Path, num_classes: int, per_class: int) -> None:
+    """An ImageFolder tree of tiny grey PNGs, ``per_class`` images in each of ``num_classes`` classes."""
+    rng = np.random.default_rng(1)
+    for c in range(num_classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            (root / f"class{c}" / f"{i:03d}.png").write_bytes(_png(pixels))
+
+
+def _shard_labels(out: Path, manifest: dict[str, Any]) -> list[list[int]]:
+    """The class index of every sample, shard by shard, in archive order."""
+    labels = []
+    for shard in manifest["shards"]:
+        with tarfile.open(out / shard["name"]) as tf:
+            labels.append([int(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".cls")])
+    return labels
+
+
+def test_default_build_interleaves_classes_and_no_shuffle_keeps_source_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "src"
+    _class_folder(src, num_classes=3, per_class=20)  # ImageFolder lists it class by class
+    kept = tmp_path / "kept"
+    assert bs.main([str(src), str(kept), "--shard-size", "10", "--no-shuffle", "--quiet"]) == 0
+    kept_manifest = json.loads((kept / "manifest.json").read_text())
+    assert kept_manifest["shuffle_seed"] is None
+    assert _shard_labels(kept, kept_manifest) == [[k // 2] * 10 for k in range(6)]  # one class per shard
+    with tarfile.open(kept / "shard-000001.tar") as tf:
+        sources = [
+            json.loads(tf.extractfile(m).read())["source"] for m in tf.getmembers() if m.name.endswith("json")
+        ]
+    assert sources == [f"class0/{i:03d}.png" for i in range(10, 20)]  # source order
+
+    mixed = tmp_path / "mixed"
+    assert bs.main([str(src), str(mixed), "--shard-size", "10", "--quiet"]) == 0
+    manifest = json.loads((mixed / "manifest.json").read_text())
+    assert manifest["shuffle_seed"] == 0
+    labels = _shard_labels(mixed, manifest)
+    assert all(len(set(shard)) >= 2 for shard in labels), labels  # every shard holds several classes
+    every = sorted(label for shard in labels for label in shard)
+    assert every == sorted(label for shard in _shard_labels(kept, kept_manifest) for label in shard)
+
+    # The order is a function of the seed: the same seed rebuilds the same bytes, another seed differs,
+    # and the seed is part of what a resumed build must match.
+    again = bs.build_shards(src, tmp_path / "again", shard_size=10, progress=False)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    assert bs.main([str(src), str(tmp_path / "seed1"), "--shard-size", "10", "--seed", "1", "--quiet"]) == 0
+    seed1 = json.loads((tmp_path / "seed1" / "manifest.json").read_text())
+    assert seed1["shuffle_seed"] == 1 and _shard_labels(tmp_path / "seed1", seed1) != labels
+    capsys.readouterr()
+    assert bs.main([str(src), str(mixed), "--shard-size", "10", "--seed", "1", "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,8 +491,9 @@ def test_dali_reads_shards_with_our_index_files(
     p = pipe()
     p.build()
     images, classes = p.run()
-    expected = sources.read_idx(fmnist_dir / "train-images-idx3-ubyte.gz")[:40]
-    labels = sources.read_idx(fmnist_dir / "train-labels-idx1-ubyte.gz")[:40]
+    order = bs.build_order(40, manifest["shuffle_seed"])  # the order the samples were written in
+    expected = sources.read_idx(fmnist_dir / "train-images-idx3-ubyte.gz")[order]
+    labels = sources.read_idx(fmnist_dir / "train-labels-idx1-ubyte.gz")[order]
     np.testing.assert_array_equal(images.as_array()[..., 0], expected)
     assert [int(bytes(np.asarray(classes[i]))) for i in range(40)] == labels.tolist()
 
