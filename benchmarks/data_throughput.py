@@ -144,6 +144,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         text_key=text_key,
         dali_device=job["device"],
         dali_threads=job["workers"],
+        **({"mix_shards": job["mix_shards"]} if job.get("mix_shards") else {}),
     )
     size, sizes = job.get("view_size"), {}
     if size and job["recipe"] == "dino":
@@ -254,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=12, help="timed batches per run")
     parser.add_argument("--warmup", type=int, default=3, help="discarded batches per run")
     parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument(
+        "--mix-shards", type=int, default=None, help="data.mix_shards (default: the loader's default)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per (backend, recipe)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the JSON record here")
@@ -282,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefetch": args.prefetch,
         "seed": args.seed,
         "view_size": args.view_size,
+        "mix_shards": args.mix_shards,
     }
     runs: list[dict[str, Any]] = []
     for repeat, recipe, backend in itertools.product(range(args.repeats), recipes, backends):

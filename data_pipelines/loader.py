@@ -13,16 +13,27 @@ Batch contract (both backends): each item is a dict
 ``B`` is the per-rank micro-batch size; batches are always full. Images are on this rank's CUDA
 device when CUDA is available (``wds``: the workers' uint8 pixels are copied there and normalized
 on the GPU; ``dali``: when it runs on the GPU), else on the CPU. The stream is infinite and a pure
-function of ``(seed, batch number, rank, world_size, num_workers)`` -- the same for the ``wds`` and
-``dali`` backends: to resume, the trainer stores how many batches (micro-batches) this rank has
-consumed and passes it as ``start_batch``. See :mod:`data_pipelines.wds` for the slot design that
-makes this true (and the rule when the world size changes on resume), :mod:`data_pipelines.dali`
-for the DALI graph.
+function of ``(seed, batch number, rank, world_size, num_workers, mix_shards)`` -- the same for the
+``wds`` and ``dali`` backends: to resume, the trainer stores how many batches (micro-batches) this
+rank has consumed and passes it as ``start_batch``. See :mod:`data_pipelines.wds` for the slot
+design that makes this true (and the rule when the world size changes on resume),
+:mod:`data_pipelines.dali` for the DALI graph.
+
+Stop signals. ``scancel`` and SLURM's time limit send SIGTERM to every process of a job, and a
+Ctrl-C sends SIGINT to the whole foreground process group: ``wds`` worker processes ignore SIGTERM,
+SIGINT, SIGUSR1 and SIGUSR2, so only the training process decides what a stop means (save, then
+exit); it stops the workers when it closes the loader (``close()`` on the returned iterator; a
+worker that does not exit in time is killed with SIGKILL, which nothing can ignore). Workers also
+exit on their own within seconds when the training process dies.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import signal
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -33,7 +44,14 @@ from torch.utils.data import DataLoader
 
 from data_pipelines.augment import ViewSpec, normalize_view
 from data_pipelines.synthetic import synthetic_batches
-from data_pipelines.wds import CorruptDataError, ShardSpecError, WdsBatches, resolve_shards
+from data_pipelines.wds import (
+    DEFAULT_MIX_SHARDS,
+    MAX_MIX_SHARDS,
+    CorruptDataError,
+    ShardSpecError,
+    WdsBatches,
+    resolve_shards,
+)
 
 __all__ = ["BACKENDS", "CorruptDataError", "LoaderConfig", "ShardSpecError", "build_loader"]
 
@@ -57,6 +75,14 @@ class LoaderConfig:
         num_workers: loader slots per rank: DataLoader worker processes with ``wds`` (0: load in
             the training process), slots played in turn with ``dali``. Part of the data order:
             changing it changes the stream.
+        mix_shards: shards each loader slot reads at once (1 to 64, default 16): a slot takes its
+            shards in a seeded order, in groups of ``mix_shards``, and reads the samples of a group
+            in one seeded permutation of their union, so a batch draws from up to ``mix_shards``
+            shards -- the random-access analogue of WebDataset's shuffle buffer across shards. With
+            shards that each hold one class (built with ``--no-shuffle`` from an ImageFolder, or
+            by another tool), a batch holds up to ``mix_shards`` classes. Costs: one open memory
+            map per shard of the group, and a permutation of ``mix_shards x`` shard size integers
+            (8 bytes each) per slot. Part of the data order: changing it changes the stream.
         prefetch_factor: batches prepared ahead by each worker (``wds``) or by DALI.
         max_corrupt_fraction: stop with ``CorruptDataError`` when more than this fraction of the
             samples a slot has read (after at least 100) were corrupt.
@@ -80,6 +106,7 @@ class LoaderConfig:
     backend: str = "wds"
     shards: str = ""
     num_workers: int = 2
+    mix_shards: int = DEFAULT_MIX_SHARDS
     prefetch_factor: int = 2
     max_corrupt_fraction: float = 0.01
     return_keys: bool = False
@@ -98,6 +125,11 @@ class LoaderConfig:
             raise ValueError("data.shards is empty: set it to a shard directory, glob or brace pattern")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 1 <= self.mix_shards <= MAX_MIX_SHARDS:
+            raise ValueError(
+                f"data.mix_shards must be between 1 and {MAX_MIX_SHARDS} (shards a loader slot reads at once), "
+                f"got {self.mix_shards}"
+            )
         if self.prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if not 0.0 <= self.max_corrupt_fraction <= 1.0:
@@ -158,8 +190,8 @@ def build_loader(
 
     Raises:
         ValueError: invalid config values or arguments.
-        ShardSpecError: missing path, unreadable manifest, no shards, or fewer shards than
-            ``world_size * num_workers``.
+        ShardSpecError: missing path, unreadable manifest, no shards, a shard whose size differs
+            from the manifest, or fewer shards than ``world_size * num_workers``.
         DaliUnavailableError: ``backend=dali`` without DALI installed (or ``dali_device=gpu``
             without CUDA).
     """
@@ -196,6 +228,7 @@ def build_loader(
         "rank": rank,
         "world_size": world_size,
         "num_workers": cfg.num_workers,
+        "mix_shards": cfg.mix_shards,
         "seed": seed,
         "start_batch": start_batch,
         "max_corrupt_fraction": cfg.max_corrupt_fraction,
@@ -227,7 +260,7 @@ def build_loader(
         persistent_workers=workers > 0,
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_idle_priority if _idle_workers(cfg.worker_priority) else None,
+        worker_init_fn=functools.partial(_init_worker, idle=_idle_workers(cfg.worker_priority)),
     )
     return _normalized(_batches(loader), views)
 
@@ -260,10 +293,91 @@ def _idle_workers(priority: str) -> bool:
     return priority == "idle"
 
 
-def _idle_priority(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: run this worker only on otherwise idle cores (Linux)."""
-    if hasattr(os, "SCHED_IDLE"):
+# Signals a job's processes receive to stop: scancel / time limit (TERM), Ctrl-C (INT), the launcher's
+# preemption and requeue signals (USR1, USR2). Only the training process acts on them.
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+_WORKER_EXIT_TIMEOUT_S = 5.0
+_open_iterators: weakref.WeakSet[Any] = weakref.WeakSet()
+_atexit_registered = False
+
+
+def _init_worker(worker_id: int, *, idle: bool) -> None:
+    """DataLoader ``worker_init_fn``: ignore the stop signals; optionally run at idle priority.
+
+    The signals are blocked from before the fork (:func:`_start_workers`) until they are ignored
+    here, so one that arrives while the worker starts is not fatal either.
+    """
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORED_SIGNALS)
+    if idle and hasattr(os, "SCHED_IDLE"):  # run only on otherwise idle cores (Linux)
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _start_workers(loader: DataLoader) -> Iterator[Any]:
+    """``iter(loader)`` with the stop signals blocked while the worker processes are forked."""
+    if loader.num_workers == 0:
+        return iter(loader)
+    _register_atexit()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+    try:
+        it = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # pending ones are delivered here, to this process
+    _open_iterators.add(it)
+    return it
+
+
+def _stop_workers(it: Any) -> None:
+    """Shut down a multi-process iterator's workers; SIGKILL any that outlives the shutdown.
+
+    PyTorch asks workers to exit, waits, then sends SIGTERM -- which our workers ignore -- so a
+    worker stuck in a batch would outlive its loader without the SIGKILL.
+    """
+    shutdown = getattr(it, "_shutdown_workers", None)  # multi-process iterators only
+    if shutdown is None:
+        return
+    workers = list(getattr(it, "_workers", []))
+    shutdown()
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=_WORKER_EXIT_TIMEOUT_S)
+    _open_iterators.discard(it)
+
+
+def _stop_open_workers() -> None:
+    for it in list(_open_iterators):
+        _stop_workers(it)
+
+
+def _register_atexit() -> None:
+    """Stop the workers of loaders still open at interpreter exit, before ``multiprocessing`` does.
+
+    ``multiprocessing`` ends daemonic children at exit with SIGTERM and then joins them without a
+    timeout: with workers that ignore SIGTERM that would hang. atexit runs handlers last-registered
+    first, and ``multiprocessing.util`` registered its handler on import, so this one runs before.
+    """
+    global _atexit_registered
+    if not _atexit_registered:
+        import multiprocessing.util  # noqa: F401  (its exit handler is registered before ours)
+
+        atexit.register(_stop_open_workers)
+        _atexit_registered = True
+
+
+def _worker_message(exc: BaseException) -> str:
+    """The message of an exception re-raised from a DataLoader worker, without the worker's traceback.
+
+    PyTorch re-raises a worker's exception as ``Caught X in DataLoader worker process N.
+    Original Traceback ...: X: message``; for a data problem the message is what the user needs.
+    """
+    text = str(exc)
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    at = text.rfind(marker)
+    if not text.startswith("Caught ") or at < 0:
+        return text
+    return text[at + len(marker) :].strip()
 
 
 def _batches(loader: DataLoader) -> Iterator[dict[str, Any]]:
@@ -271,12 +385,16 @@ def _batches(loader: DataLoader) -> Iterator[dict[str, Any]]:
 
     Without this, an iterator whose worker raised (e.g. ``CorruptDataError``) sits in a reference
     cycle with the exception's traceback, and its workers linger until the garbage collector
-    runs, then take seconds to be joined.
+    runs, then take seconds to be joined. A data error raised in a worker keeps its message, not
+    the worker's traceback.
     """
-    it = iter(loader)
+    it = _start_workers(loader)
     try:
         yield from it
+    except (CorruptDataError, ShardSpecError) as exc:
+        message = _worker_message(exc)
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from None
     finally:
-        shutdown = getattr(it, "_shutdown_workers", None)  # multi-process iterators only
-        if shutdown is not None:
-            shutdown()
+        _stop_workers(it)

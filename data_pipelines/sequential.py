@@ -50,7 +50,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-from data_pipelines.wds import CorruptSample, ShardReader, ShardSet, decode_sample, resolve_shards
+from data_pipelines.wds import (
+    CorruptSample,
+    ShardReader,
+    ShardSet,
+    check_shard_sizes,
+    decode_sample,
+    resolve_shards,
+)
+from pretrain.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +208,7 @@ class ShardSequence(Dataset):
         with_text: bool = False,
     ) -> None:
         self.shard_set = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+        check_shard_sizes(self.shard_set)  # a truncated copy would silently shrink the evaluated set
         self.transform = transform
         self.require_labels = require_labels
         self.with_text = with_text
@@ -445,14 +454,6 @@ def iter_dataset(
     yield from loader
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def data_identity(shards: str | os.PathLike[str] | ShardSet | ShardSequence) -> dict[str, Any]:
     """What identifies a data set in result files and feature-cache keys.
 
@@ -478,7 +479,7 @@ def data_identity(shards: str | os.PathLike[str] | ShardSet | ShardSequence) -> 
         manifest_path = Path(shard_set.origin)
         out.update(
             manifest=str(manifest_path.resolve()),
-            manifest_sha256=_sha256_file(manifest_path),
+            manifest_sha256=sha256_file(manifest_path),
             fingerprint=manifest.get("fingerprint"),
             split=manifest.get("split"),
             num_samples=manifest.get("num_samples"),

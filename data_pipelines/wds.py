@@ -4,19 +4,30 @@ This module decides *which* samples every batch holds and seeds *every* random a
 decision; the pixels are then produced by the CPU renderer here (``data.backend=wds``) or by the
 DALI graph of :mod:`data_pipelines.dali` (``data.backend=dali``), which share :class:`SlotBatches`.
 
-Design (the stream is a pure function of ``(seed, batch number, rank, world_size, num_workers)``):
+Design (the stream is a pure function of ``(seed, batch number, rank, world_size, num_workers,
+mix_shards)``):
 
 * **Slots.** With ``W`` ranks and ``N`` loader workers per rank (``N = 0`` counts as one), there
   are ``W * N`` slots; slot ``s = rank * N + worker`` owns the shards ``k`` with
   ``k % (W * N) == s``. Slots never share a shard, so ranks never see the same sample in a step.
   The DALI backend has no worker processes but plays the same ``N`` slots in turn, so both
   backends read the same stream for the same config.
-* **Slot stream.** Each slot reads an infinite sequence of sample positions ``p = 0, 1, ...``.
-  Epoch ``e`` visits the slot's shards in a permutation seeded by ``(seed, slot, e)`` and the
-  samples of each shard in a permutation seeded by ``(seed, slot, e, shard)``. Position ``p`` is
-  mapped to (epoch, shard, sample) from the per-shard sample counts alone, and the sample is read
-  by random access (seek to its tar offset from the shard's index), so jumping to any position
-  costs nothing.
+* **Slot stream** (:class:`SlotStream`). Each slot reads an infinite sequence of sample
+  positions ``p = 0, 1, ...``; epoch ``e`` is positions ``[e * E, (e + 1) * E)`` with ``E`` the
+  number of samples the slot owns. Epoch ``e`` orders the slot's non-empty shards by a
+  permutation seeded by ``(seed, slot, e)`` and cuts that order into groups of ``M =
+  mix_shards`` consecutive shards (``data.mix_shards``, default 16; the last group may be
+  smaller). The groups are read one after the other; within group ``g`` the samples of all its
+  shards are read in one permutation of their union seeded by ``(seed, slot, e, g)``. So a batch
+  draws from up to ``M`` shards at once -- the random-access analogue of WebDataset's shuffle
+  buffer across shards -- and, with ``build_shards``' global shuffle, from the whole data set
+  even when the source was class-sorted. Position ``p`` is mapped to (epoch, group, shard,
+  sample) from the per-shard sample counts alone, and the sample is read by random access (a
+  slice of the shard's memory map at its tar offset from the shard's index), so jumping to any
+  position costs nothing. A slot holds the permutation of its current group (and the one
+  before: 8 bytes per sample, ``M x`` shard size) and keeps every shard of the group mapped
+  (:class:`ShardReader` keeps ``max(32, N * M)`` maps: the DALI backend plays ``N`` slots in one
+  process), so memory and open files stay bounded by ``M``.
 * **Batches.** Batch ``b`` of a rank is the ``(b // N)``-th batch of its worker ``b % N``, i.e.
   positions ``[n * B, (n + 1) * B)`` of that worker's slot with ``n = b // N``. A resumed run
   starting at batch ``b0`` has DataLoader worker ``w`` play the slot of worker ``(b0 + w) % N``
@@ -27,10 +38,15 @@ Design (the stream is a pure function of ``(seed, batch number, rank, world_size
   :func:`data_pipelines.augment.views_params` draws every view's parameters; no global RNG state
   is used, and a whole batch's draws are a few array operations.
 * **Corrupt samples** (undecodable, empty, truncated, missing image, label or caption, duplicate
-  key) are logged once with shard and key, counted (``num_corrupt`` of the batch), and replaced by
-  another good sample of the same batch (augmented with the corrupt position's uniforms), so
-  positions stay aligned; when a slot's running corrupt fraction exceeds ``max_corrupt_fraction``
-  after at least :data:`MIN_SAMPLES_FOR_FRACTION` samples, :class:`CorruptDataError` stops the job.
+  key) are counted (``num_corrupt`` of the batch) and replaced by another good sample of the same
+  batch (augmented with the corrupt position's uniforms), so positions stay aligned. Each is
+  logged once, with shard and key, for the first :data:`LOG_CORRUPT_PER_SHARD` of a shard; later
+  ones get one summary line per shard at 10, 100, 1000, ... When a slot's running corrupt
+  fraction exceeds ``max_corrupt_fraction`` after at least :data:`MIN_SAMPLES_FOR_FRACTION`
+  samples, :class:`CorruptDataError` stops the job.
+* **Shard sizes** are checked against the manifest's ``bytes`` when the stream is built
+  (:func:`check_shard_sizes`, one ``stat`` per shard): a truncated copy is refused with
+  :class:`ShardSpecError` before the first step instead of surfacing as corrupt samples hours later.
 
 Resuming with a different world size (or ``num_workers``): the run continues at the same global
 step ``s``; rank ``r`` of the new ``W'`` ranks starts at batch ``s * accum_steps`` of the
@@ -46,10 +62,10 @@ from __future__ import annotations
 
 import bisect
 import glob
-import hashlib
 import io
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -73,6 +89,7 @@ from data_pipelines.augment import (
     views_params,
 )
 from data_pipelines.pnm import PNM_EXTS, decode_pnm
+from data_pipelines.seeds import counter_uniforms, derive_seed, permutation
 from data_pipelines.tar_index import SampleEntry, TarIndexError, load_index
 
 log = logging.getLogger(__name__)
@@ -81,9 +98,11 @@ MANIFEST_NAME = "manifest.json"
 SUPPORTED_MANIFEST_VERSION = 1
 MIN_SAMPLES_FOR_FRACTION = 100
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "pgm", "pnm", "bmp", "tif", "tiff")
-_MASK64 = (1 << 64) - 1
 _TAG_SHARD_ORDER, _TAG_SAMPLE_ORDER, _TAG_AUGMENT = 1, 2, 3
 _MAX_OPEN_FILES = 32
+DEFAULT_MIX_SHARDS = 16
+MAX_MIX_SHARDS = 64  # each shard of a group stays memory-mapped (one file descriptor each)
+LOG_CORRUPT_PER_SHARD = 5  # corrupt samples of one shard logged one by one; then counted in summaries
 
 
 class ShardSpecError(ValueError):
@@ -99,77 +118,6 @@ class CorruptSample(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# Seeds and permutations (stable across Python, NumPy and PyTorch versions)
-
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (blake2b), independent of ``PYTHONHASHSEED``.
-
-    Args:
-        *parts: integers (negative values allowed).
-
-    Returns:
-        An integer in [0, 2**63).
-    """
-    data = b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
-
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    # splitmix64's output function (Steele, Lea & Flood 2014), on uint64 arrays (wrapping arithmetic).
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _splitmix64_sequence(seed: int, n: int) -> np.ndarray:
-    """The first ``n`` outputs of splitmix64 seeded with ``seed``: ``mix(seed + k * gamma)``, k = 1..n."""
-    return _mix64(np.uint64(seed & _MASK64) + np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN)
-
-
-def permutation(n: int, seed: int) -> list[int]:
-    """A random permutation of ``range(n)`` (Fisher-Yates driven by splitmix64).
-
-    Args:
-        n: length.
-        seed: 64-bit seed.
-
-    Returns:
-        The permutation as a list.
-    """
-    perm = list(range(n))
-    draws = _splitmix64_sequence(seed, max(n - 1, 0)).tolist()
-    for r, i in zip(draws, range(n - 1, 0, -1)):
-        j = (r * (i + 1)) >> 64  # multiply-shift: uniform enough for i << 2**64
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
-
-
-def counter_uniforms(seed: int, counters: Sequence[int], n: int) -> np.ndarray:
-    """``n`` uniforms in [0, 1) for each counter: a pure function of ``(seed, counter, column)``.
-
-    Counter-based, so a batch's draws come from a few array operations instead of one generator
-    per sample. Each counter gets the splitmix64 sequence ``x_k = mix(s + k * gamma)`` started at
-    ``s = mix(seed ^ mix(counter))``; the top 53 bits of ``x_k`` make the double.
-
-    Args:
-        seed: 64-bit seed (e.g. from :func:`derive_seed`).
-        counters: non-negative integers (sample positions).
-        n: uniforms per counter.
-
-    Returns:
-        float64 array [len(counters), n].
-    """
-    c = np.asarray(counters, dtype=np.uint64)[:, None]
-    start = _mix64(np.uint64(seed & _MASK64) ^ _mix64(c + _GOLDEN))
-    x = _mix64(start + np.arange(1, n + 1, dtype=np.uint64)[None, :] * _GOLDEN)
-    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-# ------------------------------------------------------------------------------------------------
 # Resolving shard specifications
 
 
@@ -181,11 +129,15 @@ class ShardInfo:
         path: the tar file.
         index_path: its DALI index file (may not exist: then the tar is scanned).
         num_samples: sample count from the manifest, or ``None`` until the index is loaded.
+        num_bytes: file size the manifest records (``None`` without one).
+        sha256: SHA-256 the manifest records (``None`` without one).
     """
 
     path: Path
     index_path: Path
     num_samples: int | None = None
+    num_bytes: int | None = None
+    sha256: str | None = None
 
     @property
     def name(self) -> str:
@@ -278,7 +230,16 @@ def resolve_shards(spec: str | os.PathLike[str]) -> ShardSet:
             idx = root / entry.get("index_file", Path(entry["name"]).with_suffix(".idx").name)
             if not tar.is_file():
                 raise ShardSpecError(f"shard {tar} listed in {manifest_path} does not exist")
-            shards.append(ShardInfo(tar, idx, int(entry["num_samples"])))
+            num_bytes = entry.get("bytes")
+            shards.append(
+                ShardInfo(
+                    tar,
+                    idx,
+                    int(entry["num_samples"]),
+                    int(num_bytes) if isinstance(num_bytes, int) else None,
+                    entry.get("sha256") if isinstance(entry.get("sha256"), str) else None,
+                )
+            )
         if not shards:
             raise ShardSpecError(f"shard manifest {manifest_path} lists no shards")
         return ShardSet(shards, manifest.get("classes"), manifest, str(manifest_path))
@@ -301,6 +262,39 @@ def resolve_shards(spec: str | os.PathLike[str]) -> ShardSet:
     return ShardSet([ShardInfo(f, f.with_suffix(".idx")) for f in files], origin=text)
 
 
+def check_shard_sizes(shard_set: ShardSet) -> None:
+    """Refuse shards whose file size differs from the manifest's record (one ``stat`` per shard).
+
+    A copy cut short (a full disk, an interrupted ``rsync``) otherwise trains until a slot reaches
+    the missing samples, maybe hours later; this check finds it before the first step. Shards
+    without a recorded size (no manifest, or a manifest that does not record ``bytes``) pass.
+
+    Args:
+        shard_set: resolved shards.
+
+    Raises:
+        ShardSpecError: naming every shard whose size differs, and how to check the copy.
+    """
+    wrong = []
+    for shard in shard_set.shards:
+        if shard.num_bytes is None:
+            continue
+        try:
+            size = shard.path.stat().st_size
+        except OSError as exc:
+            raise ShardSpecError(f"cannot read shard {shard.path}: {exc.strerror or exc}") from exc
+        if size != shard.num_bytes:
+            wrong.append(f"{shard.path.name} is {size} bytes, the manifest says {shard.num_bytes}")
+    if wrong:
+        shown = "; ".join(wrong[:10]) + (f"; and {len(wrong) - 10} more" if len(wrong) > 10 else "")
+        directory = Path(shard_set.origin).parent
+        raise ShardSpecError(
+            f"{len(wrong)} of {len(shard_set.shards)} shards in {directory} differ in size from "
+            f"{shard_set.origin} (a truncated or incomplete copy?): {shown}. Copy them again or rebuild them; "
+            f"python -m data_pipelines.verify_shards {directory} checks every shard's hash and samples"
+        )
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading samples
 
@@ -309,12 +303,17 @@ class ShardReader:
     """Random access to samples of shards (indexes loaded lazily, shards memory-mapped).
 
     Samples are read by slicing a read-only memory map of the shard (a seek + read on a buffered
-    file costs ~25 us per member at random offsets, a slice ~1 us); the maps of the most recently
-    used :data:`_MAX_OPEN_FILES` shards stay open.
+    file costs ~25 us per member at random offsets, a slice ~1 us); the maps of the ``max_open``
+    most recently used shards stay open (each holds a file descriptor).
+
+    Args:
+        shards: the shards.
+        max_open: memory maps kept open (default :data:`_MAX_OPEN_FILES`).
     """
 
-    def __init__(self, shards: Sequence[ShardInfo]) -> None:
+    def __init__(self, shards: Sequence[ShardInfo], max_open: int = _MAX_OPEN_FILES) -> None:
         self.shards = list(shards)
+        self.max_open = max_open
         self._indexes: dict[int, list[SampleEntry]] = {}
         self._files: OrderedDict[int, mmap.mmap | bytes] = OrderedDict()
 
@@ -349,7 +348,7 @@ class ShardReader:
                 except ValueError:  # an empty file cannot be mapped; every read of it is short
                     f = b""
             self._files[i] = f
-            if len(self._files) > _MAX_OPEN_FILES:
+            if len(self._files) > self.max_open:
                 _close(self._files.popitem(last=False)[1])
         else:
             self._files.move_to_end(i)
@@ -536,52 +535,79 @@ def decode_sample(components: dict[str, bytes], require_label: bool) -> tuple[Im
 class SlotStream:
     """Maps a slot's sample positions to (shard, sample) without reading data.
 
+    Epoch ``e`` takes the slot's non-empty shards in a permutation seeded by ``(seed, slot, e)``
+    and cuts it into groups of ``mix_shards`` consecutive shards (the last group may be smaller);
+    the groups are read one after the other, and the samples of a group in one permutation of
+    the union of its shards' samples, seeded by ``(seed, slot, e, group)``. Only the permutation
+    of the current group (a few recent ones, for look-ups across a boundary) is kept: at most
+    ``mix_shards x`` shard size integers.
+
     Args:
         reader: reader over *all* shards.
         shard_ids: indices (into ``reader.shards``) of the shards this slot owns.
         seed: run seed.
         slot: global slot id.
+        mix_shards: shards whose samples are read interleaved (1: one shard after the other).
     """
 
-    def __init__(self, reader: ShardReader, shard_ids: Sequence[int], seed: int, slot: int) -> None:
+    _KEEP_GROUPS = 2  # group permutations cached: the current one and the one before
+
+    def __init__(
+        self, reader: ShardReader, shard_ids: Sequence[int], seed: int, slot: int, *, mix_shards: int
+    ) -> None:
+        if mix_shards < 1:
+            raise ValueError(f"mix_shards must be >= 1, got {mix_shards}")
         self.reader, self.shard_ids, self.seed, self.slot = reader, list(shard_ids), seed, slot
+        self.mix_shards = mix_shards
         self.counts = [reader.count(i) for i in self.shard_ids]
         self.epoch_size = sum(self.counts)
         self._epoch: int | None = None
-        self._order: list[int] = []
-        self._cum: list[int] = []
-        self._perms: OrderedDict[tuple[int, int], list[int]] = OrderedDict()
+        self._groups: list[list[int]] = []  # per group: local shard numbers (into shard_ids)
+        self._group_cum: list[int] = []  # cumulative group sizes within the epoch
+        self._perms: OrderedDict[tuple[int, int], tuple[list[int], np.ndarray]] = OrderedDict()
 
     def _set_epoch(self, epoch: int) -> None:
         if epoch != self._epoch:
             order = permutation(
                 len(self.shard_ids), derive_seed(_TAG_SHARD_ORDER, self.seed, self.slot, epoch)
             )
-            self._order = [k for k in order if self.counts[k] > 0]
-            self._cum, total = [], 0
-            for k in self._order:
-                total += self.counts[k]
-                self._cum.append(total)
+            order = [k for k in order if self.counts[k] > 0]
+            self._groups = [order[i : i + self.mix_shards] for i in range(0, len(order), self.mix_shards)]
+            self._group_cum, total = [], 0
+            for group in self._groups:
+                total += sum(self.counts[k] for k in group)
+                self._group_cum.append(total)
             self._epoch = epoch
+
+    def _group(self, epoch: int, g: int) -> tuple[list[int], np.ndarray]:
+        """(cumulative sample counts of group ``g``'s shards, the permutation of its samples)."""
+        key = (epoch, g)
+        found = self._perms.get(key)
+        if found is None:
+            cum, total = [], 0
+            for k in self._groups[g]:
+                total += self.counts[k]
+                cum.append(total)
+            perm = permutation(total, derive_seed(_TAG_SAMPLE_ORDER, self.seed, self.slot, epoch, g))
+            found = (cum, np.asarray(perm, dtype=np.int64))  # 8 bytes per sample, not a list's ~36
+            self._perms[key] = found
+            if len(self._perms) > self._KEEP_GROUPS:
+                self._perms.popitem(last=False)
+        else:
+            self._perms.move_to_end(key)
+        return found
 
     def locate(self, position: int) -> tuple[int, int]:
         """The (shard index, sample index) read at ``position`` of this slot's stream."""
         epoch, rest = divmod(position, self.epoch_size)
         self._set_epoch(epoch)
-        k = bisect.bisect_right(self._cum, rest)
-        offset = rest - (self._cum[k - 1] if k else 0)
-        local = self._order[k]
-        shard = self.shard_ids[local]
-        key = (epoch, shard)
-        perm = self._perms.get(key)
-        if perm is None:
-            perm = permutation(
-                self.counts[local], derive_seed(_TAG_SAMPLE_ORDER, self.seed, self.slot, epoch, shard)
-            )
-            self._perms[key] = perm
-            if len(self._perms) > 4:
-                self._perms.popitem(last=False)
-        return shard, perm[offset]
+        g = bisect.bisect_right(self._group_cum, rest)
+        offset = rest - (self._group_cum[g - 1] if g else 0)
+        cum, perm = self._group(epoch, g)
+        u = int(perm[offset])  # a sample of the group's union, numbered shard after shard
+        k = bisect.bisect_right(cum, u)
+        sample = u - (cum[k - 1] if k else 0)
+        return self.shard_ids[self._groups[g][k]], sample
 
 
 # ------------------------------------------------------------------------------------------------
@@ -590,10 +616,11 @@ class SlotStream:
 
 @dataclass
 class _CorruptStats:
-    seen: int = 0
-    corrupt: int = 0
-    by_shard: dict[str, int] = field(default_factory=dict)
-    logged: set[tuple[str, str]] = field(default_factory=set)
+    seen: int = 0  # samples read by the slot
+    corrupt: int = 0  # of those, corrupt (a sample read in two epochs counts twice)
+    by_shard: dict[str, int] = field(default_factory=dict)  # corrupt reads per shard
+    logged: set[tuple[str, str]] = field(default_factory=set)  # (shard, key) already reported
+    distinct: dict[str, int] = field(default_factory=dict)  # distinct corrupt samples per shard
 
 
 @dataclass
@@ -630,6 +657,7 @@ class SlotBatches:
         world_size: number of ranks.
         num_workers: loader slots per rank (0 counts as one).
         seed: run seed.
+        mix_shards: shards a slot reads interleaved (see :class:`SlotStream`).
         start_batch: number of the first batch to produce.
         max_corrupt_fraction: stop when a slot's corrupt fraction exceeds this.
         require_labels: treat samples without ``cls`` as corrupt.
@@ -638,8 +666,9 @@ class SlotBatches:
         return_keys: add ``keys`` (``"<shard>/<key>"`` per sample) to each batch.
 
     Raises:
-        ShardSpecError: fewer shards than ``world_size * max(1, num_workers)`` slots, or a slot
-            whose shards are all empty.
+        ShardSpecError: a shard whose size differs from the manifest (:func:`check_shard_sizes`),
+            fewer shards than ``world_size * max(1, num_workers)`` slots, or a slot whose shards
+            are all empty.
     """
 
     def __init__(
@@ -652,6 +681,7 @@ class SlotBatches:
         world_size: int,
         num_workers: int,
         seed: int,
+        mix_shards: int = DEFAULT_MIX_SHARDS,
         start_batch: int = 0,
         max_corrupt_fraction: float = 0.01,
         require_labels: bool = False,
@@ -664,6 +694,9 @@ class SlotBatches:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.workers = max(1, num_workers)
         self.seed, self.start_batch = seed, start_batch
+        if not 1 <= mix_shards <= MAX_MIX_SHARDS:
+            raise ValueError(f"mix_shards must be in [1, {MAX_MIX_SHARDS}], got {mix_shards}")
+        self.mix_shards = mix_shards
         self.max_corrupt_fraction = max_corrupt_fraction
         self.require_labels, self.return_keys = require_labels, return_keys
         self.text_key, self.context_length = text_key, context_length
@@ -676,7 +709,9 @@ class SlotBatches:
                 f"slots (world_size {world_size} x num_workers {self.workers}); every (rank, worker) needs at least "
                 f"one shard: build more, smaller shards (--shard-size) or use fewer workers"
             )
-        self.reader = ShardReader(shard_set.shards)
+        check_shard_sizes(shard_set)
+        # One process may play every slot of the rank (DALI): keep all their groups' shards mapped.
+        self.reader = ShardReader(shard_set.shards, max_open=max(_MAX_OPEN_FILES, self.workers * mix_shards))
         for worker in range(self.workers):  # fail early, in the main process, on empty slots
             slot = self.slot_id(worker)
             if sum(self.reader.count(i) for i in self.slot_shards(slot)) == 0:
@@ -698,7 +733,7 @@ class SlotBatches:
 
     def slot_stream(self, slot: int) -> SlotStream:
         """The position -> sample map of ``slot``."""
-        return SlotStream(self.reader, self.slot_shards(slot), self.seed, slot)
+        return SlotStream(self.reader, self.slot_shards(slot), self.seed, slot, mix_shards=self.mix_shards)
 
     def uniforms(self, slot: int, positions: Sequence[int]) -> np.ndarray:
         """The uniforms that draw the augmentation of ``positions`` of ``slot`` (one row each)."""
@@ -746,11 +781,7 @@ class SlotBatches:
                 found.append(None)
                 stats.corrupt += 1
                 stats.by_shard[shard_name] = stats.by_shard.get(shard_name, 0) + 1
-                if (shard_name, key) not in stats.logged:
-                    stats.logged.add((shard_name, key))
-                    log.warning(
-                        "corrupt sample %s in shard %s: %s", key, self.reader.shards[shard_i].path, exc
-                    )
+                _log_corrupt(stats, shard_name, key, self.reader.shards[shard_i].path, exc, stream.slot)
         stats.seen += len(positions)
         good = [s for s in found if s is not None]
         if not good:
@@ -796,6 +827,37 @@ class SlotBatches:
         """Per sample, the parameters of every view, drawn from the sample position's uniforms."""
         heights, widths = [s.height for s in plan.samples], [s.width for s in plan.samples]
         return views_params(heights, widths, self.views, self.uniforms(plan.slot, plan.positions))
+
+
+def _log_corrupt(stats: _CorruptStats, shard: str, key: str, path: Path, exc: Exception, slot: int) -> None:
+    """Report a corrupt sample: once per sample, one by one for the first few of a shard, then summaries.
+
+    A damaged shard (cut short, overwritten) has thousands of bad samples: the first
+    :data:`LOG_CORRUPT_PER_SHARD` of each shard are logged with their reason, later ones only
+    counted, with one line per shard when its count reaches 10, 100, 1000, ...
+    """
+    if (shard, key) in stats.logged:
+        return
+    stats.logged.add((shard, key))
+    n = stats.distinct[shard] = stats.distinct.get(shard, 0) + 1
+    if n <= LOG_CORRUPT_PER_SHARD:
+        log.warning("corrupt sample %s in shard %s: %s", key, path, exc)
+        if n == LOG_CORRUPT_PER_SHARD:
+            log.warning(
+                "shard %s: %d corrupt samples; further ones are counted and summarised (at 10, 100, 1000, ...), "
+                "not logged one by one; python -m data_pipelines.verify_shards lists them all",
+                path,
+                n,
+            )
+    elif n == 10 ** round(math.log10(n)):
+        log.warning(
+            "shard %s: %d corrupt samples so far (loader slot %d); the latest, %s: %s",
+            path,
+            n,
+            slot,
+            key,
+            exc,
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from data_pipelines.augment import (
 )
 from data_pipelines.loader import CorruptDataError, LoaderConfig, ShardSpecError, build_loader
 from data_pipelines.tar_index import group_samples, scan_tar, write_dali_index
-from data_pipelines.wds import ShardReader, SlotStream, resolve_shards
+from data_pipelines.wds import DEFAULT_MIX_SHARDS, ShardReader, SlotStream, resolve_shards
 from tests.components import require_cuda, skip_or_fail
 
 BACKENDS = ["wds", "dali"]
@@ -391,7 +391,8 @@ def test_resume_with_a_different_world_size(photo_shards: Path) -> None:
             slot = rank * 2 + step % 2  # the new split: this rank's own shards only
             assert {int(k.split("/")[0][-6:]) % (2 * new_world) for k in resumed["keys"]} == {slot}
             # the slot is at the epoch an uninterrupted run of any size reaches at this step
-            stream = SlotStream(ShardReader(shard_set.shards), list(range(slot, 8, 2 * new_world)), 0, slot)
+            owned = list(range(slot, 8, 2 * new_world))
+            stream = SlotStream(ShardReader(shard_set.shards), owned, 0, slot, mix_shards=DEFAULT_MIX_SHARDS)
             assert (step // 2) * micro // stream.epoch_size == epoch_at_step
             step_keys += resumed["keys"]
         assert len(step_keys) == len(set(step_keys)) == global_batch  # no sample twice within the step

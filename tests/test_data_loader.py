@@ -8,7 +8,10 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,17 @@ from data_pipelines import build_shards as bs
 from data_pipelines import datasets
 from data_pipelines.augment import IMAGENET_MEAN, IMAGENET_STD, ViewSpec, apply_view, sample_crop_box
 from data_pipelines.loader import CorruptDataError, LoaderConfig, ShardSpecError, build_loader
+from data_pipelines.sequential import ShardSequence
 from data_pipelines.tar_index import group_samples, scan_tar, write_dali_index
-from data_pipelines.wds import expand_braces, permutation
-from tests.conftest import skip_or_fail
+from data_pipelines.wds import (
+    LOG_CORRUPT_PER_SHARD,
+    ShardReader,
+    SlotStream,
+    expand_braces,
+    permutation,
+    resolve_shards,
+)
+from tests.conftest import run_cmd, skip_or_fail
 
 VIEWS = [ViewSpec(size=32), ViewSpec(size=16, scale=(0.05, 0.4), interpolation="bilinear")]
 
@@ -152,12 +163,28 @@ def test_configuration_errors(shards: Path, tmp_path: Path) -> None:
         )
 
 
-def _worker_policies() -> list[int]:
-    """Scheduling policies of this process's child processes (the DataLoader workers)."""
+def _loader_workers() -> list[int]:
+    """Pids of this process's DataLoader workers: forked children, so with this process's command line.
+
+    Other children (multiprocessing's resource tracker, left by an earlier test) run another command.
+    """
+    me = Path(f"/proc/{os.getpid()}/cmdline").read_bytes()
     children: list[int] = []
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
         children += [int(pid) for pid in (task / "children").read_text().split()]
-    return [os.sched_getscheduler(pid) for pid in children]
+    workers = []
+    for pid in children:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == me:
+                workers.append(pid)
+        except OSError:  # exited meanwhile
+            continue
+    return workers
+
+
+def _worker_policies() -> list[int]:
+    """Scheduling policies of the DataLoader workers."""
+    return [os.sched_getscheduler(pid) for pid in _loader_workers()]
 
 
 @pytest.mark.parametrize(("priority", "policy"), [("idle", "SCHED_IDLE"), ("normal", "SCHED_OTHER")])
@@ -290,8 +317,167 @@ def test_too_many_corrupt_samples_stop_the_job(tmp_path: Path) -> None:
     _write_shards(root, shards, ["a", "b"])
     for workers in (0, 2):
         cfg = LoaderConfig(shards=str(root), num_workers=workers, max_corrupt_fraction=0.01)
-        with pytest.raises(CorruptDataError, match=r"\d+ of \d+ samples .*corrupt.*shard-000001: \d+"):
+        with pytest.raises(
+            CorruptDataError, match=r"\d+ of \d+ samples .*corrupt.*shard-000001: \d+"
+        ) as info:
             _take(cfg, 40, batch_size=10, world_size=1)
+        assert "Traceback" not in str(info.value)  # a worker's error arrives as its message alone
+
+
+def test_a_damaged_shard_is_summarised_not_logged_sample_by_sample(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "damaged"
+    shards = [[m for j in range(60) for m in _good(f"{i}{j:03d}", 1)] for i in range(2)]
+    for j in range(30):  # half of shard 1 is empty images
+        shards[1][2 * j] = (f"1{j:03d}.png", b"")
+    _write_shards(root, shards, ["a", "b"])
+    cfg = LoaderConfig(shards=str(root), num_workers=0, max_corrupt_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.wds"):
+        batches = _take(cfg, 3, batch_size=40)  # one epoch
+    assert sum(b["num_corrupt"] for b in batches) == 30  # every one counted
+    lines = [r.getMessage() for r in caplog.records]
+    one_by_one = [m for m in lines if m.startswith("corrupt sample")]
+    assert len(one_by_one) == LOG_CORRUPT_PER_SHARD and all("shard-000001.tar" in m for m in one_by_one)
+    assert sum("further ones are counted and summarised" in m for m in lines) == 1
+    assert sum("shard-000001.tar: 10 corrupt samples so far" in m for m in lines) == 1
+    assert len(lines) == LOG_CORRUPT_PER_SHARD + 2
+
+
+def test_a_shard_cut_short_is_refused_when_the_loader_starts(shards: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in shards.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    cut = copy / "shard-000003.tar"
+    size = cut.stat().st_size
+    os.truncate(cut, size // 3)
+    for backend_cfg in (
+        LoaderConfig(shards=str(copy), num_workers=0),
+        LoaderConfig(shards=str(copy), num_workers=2),
+    ):
+        with pytest.raises(ShardSpecError) as info:
+            build_loader(backend_cfg, VIEWS, batch_size=4, rank=0, world_size=1, seed=0)
+        message = str(info.value)
+        assert f"shard-000003.tar is {size // 3} bytes, the manifest says {size}" in message
+        assert "1 of 8 shards" in message and f"python -m data_pipelines.verify_shards {copy}" in message
+    with pytest.raises(ShardSpecError, match=r"shard-000003.tar is \d+ bytes"):
+        ShardSequence(str(copy))  # evaluations read the same shards: refused the same way
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixing shards
+
+
+def _class_sorted_shards(root: Path, num_classes: int, per_class: int, shard_size: int) -> Path:
+    """An ImageFolder source built with --no-shuffle: shards in class order, each holding one class."""
+    rng = np.random.default_rng(0)
+    for c in range(num_classes):
+        (root / "src" / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8)).save(
+                root / "src" / f"c{c}" / f"{i}.png"
+            )
+    out = root / "shards"
+    bs.build_shards(root / "src", out, shard_size=shard_size, shuffle=False, progress=False)
+    return out
+
+
+def test_batches_mix_classes_from_class_sorted_shards(tmp_path: Path) -> None:
+    # 10 classes x 64 images in 20 shards of 32: shard k holds only class k // 2 (the issue's ImageFolder case).
+    out = _class_sorted_shards(tmp_path, num_classes=10, per_class=64, shard_size=32)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 20
+    cfg = LoaderConfig(shards=str(out), num_workers=2)  # each slot owns 10 shards, one of every class
+    batches = _take(cfg, 12, batch_size=64)  # 6 per slot: more than an epoch (320 samples) of each
+    classes = [len(set(b["label"].tolist())) for b in batches]
+    assert min(classes) >= 6, classes
+    # Reading one shard at a time (mix_shards=1) gives batches of one or two classes: what mixing fixes.
+    single = _take(LoaderConfig(shards=str(out), num_workers=2, mix_shards=1), 12, batch_size=64)
+    assert max(len(set(b["label"].tolist())) for b in single) <= 2
+
+
+def test_slot_stream_reads_its_shards_in_groups_of_mix_shards(tmp_path: Path) -> None:
+    sizes = [5, 7, 3, 6, 4, 8]
+    _write_shards(
+        tmp_path / "s",
+        [[m for j in range(n) for m in _good(f"{i}{j:03d}", 0)] for i, n in enumerate(sizes)],
+        ["a"],
+    )
+    reader = ShardReader(resolve_shards(tmp_path / "s").shards)
+    stream = SlotStream(reader, range(6), seed=3, slot=0, mix_shards=2)
+    assert stream.epoch_size == sum(sizes)
+    epochs = [[stream.locate(e * stream.epoch_size + p) for p in range(stream.epoch_size)] for e in range(2)]
+    everything = sorted((i, j) for i, n in enumerate(sizes) for j in range(n))
+    for epoch in epochs:
+        assert sorted(epoch) == everything  # every sample once per epoch
+        pos, groups = 0, []
+        while pos < len(epoch):  # consecutive blocks, each the whole of two shards, interleaved
+            members: list[int] = []
+            for shard, _ in epoch[pos:]:
+                if shard not in members:
+                    members.append(shard)
+                if len(members) == 2:
+                    break
+            block = [shard for shard, _ in epoch[pos : pos + sum(sizes[k] for k in members)]]
+            assert set(block) == set(members)
+            assert sum(a != b for a, b in itertools.pairwise(block)) > 1  # not one shard after the other
+            groups.append(frozenset(members))
+            pos += len(block)
+        assert len(groups) == 3 and frozenset().union(*groups) == set(range(6))
+    assert epochs[0] != epochs[1]  # each epoch has its own shard order, groups and permutations
+    whole = SlotStream(reader, range(6), seed=3, slot=0, mix_shards=16)  # more than the slot owns: one group
+    assert len({whole.locate(p)[0] for p in range(8)}) >= 4
+    with pytest.raises(ValueError, match=r"data\.mix_shards must be between 1 and 64"):
+        LoaderConfig(shards="x", mix_shards=0).validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# Stop signals
+
+
+def test_workers_ignore_stop_signals_and_closing_the_loader_ends_them(shards: Path) -> None:
+    if not Path(f"/proc/{os.getpid()}/task").exists():
+        skip_or_fail("needs Linux /proc")
+    it = build_loader(
+        LoaderConfig(shards=str(shards), num_workers=2), VIEWS, batch_size=4, rank=0, world_size=1, seed=0
+    )
+    try:
+        next(it)
+        workers = _loader_workers()
+        assert len(workers) == 2
+        for sig in (
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+        ):  # scancel, Ctrl-C, requeue
+            for pid in workers:
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        assert len([next(it) for _ in range(8)]) == 8  # the loader keeps yielding
+        assert sorted(_loader_workers()) == sorted(workers)
+    finally:
+        it.close()
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]  # stopped and reaped
+
+
+def test_a_loader_left_open_at_exit_does_not_hang_the_process(shards: Path) -> None:
+    script = f"""
+import os
+from pathlib import Path
+from data_pipelines.augment import ViewSpec
+from data_pipelines.loader import LoaderConfig, build_loader
+it = build_loader(LoaderConfig(shards={str(shards)!r}, num_workers=2), [ViewSpec(size=16)], batch_size=4, rank=0,
+                  world_size=1, seed=0)
+next(it)
+tasks = Path(f"/proc/{{os.getpid()}}/task").iterdir()
+print(" ".join(pid for t in tasks for pid in (t / "children").read_text().split()), flush=True)
+"""  # exits without closing the loader: multiprocessing's exit handler SIGTERMs the workers, then joins them
+    proc = run_cmd([sys.executable, "-c", script], timeout=120)
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) >= 2
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
 
 
 # ------------------------------------------------------------------------------------------------
