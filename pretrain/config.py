@@ -73,6 +73,8 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept (>= 2)
     async_checkpoint: bool = True  # periodic saves written in the background; training pauses to stage
     export_every: int = 0  # steps between backbone exports; 0: only at the end
+    visualize_every: int = 0  # steps between the method's TensorBoard images (MAE: reconstructions); 0: off
+    visualize_samples: int = 8  # images in the fixed visualisation batch
     compile: bool = False  # torch.compile each transformer block
 
 
@@ -104,6 +106,12 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    init: Any = None  # {"from": PATH}: built in _schema_for ("from" is a Python keyword)
+
+
+# The `init` section: `init.from=PATH` starts a new run from pretrained weights (pretrain/init_weights.py):
+# an export of a run, a timm ViT checkpoint or the MAE authors' released format. Ignored on resume.
+INIT_DEFAULTS: dict[str, Any] = {"from": ""}
 
 
 # Keys that may differ between a run's saved config and a resume without changing the maths.
@@ -116,6 +124,8 @@ RESUME_SAFE_KEYS = frozenset(
         "train.keep_last",
         "train.async_checkpoint",
         "train.export_every",
+        "train.visualize_every",
+        "train.visualize_samples",
         "data.prefetch_factor",
         "data.shards",
         "data.dali_threads",
@@ -165,11 +175,11 @@ def _schema_for(method_name: str | None) -> DictConfig:
     from pretrain.methods import method_config_class  # late: methods import models
 
     schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema, False)
+    schema.init = OmegaConf.create(dict(INIT_DEFAULTS))
     if method_name is not None:
-        method_schema = OmegaConf.structured(method_config_class(method_name))
-        OmegaConf.set_struct(schema, False)
-        schema.method = method_schema
-        OmegaConf.set_struct(schema, True)
+        schema.method = OmegaConf.structured(method_config_class(method_name))
+    OmegaConf.set_struct(schema, True)
     return schema
 
 
@@ -347,6 +357,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             errors.append(f"train.{key}={train[key]} must be > 0")
     if train.export_every < 0:
         errors.append(f"train.export_every={train.export_every} must be >= 0 (0: only at the end)")
+    if train.visualize_every < 0:
+        errors.append(f"train.visualize_every={train.visualize_every} must be >= 0 (0: off)")
+    if train.visualize_samples < 1:
+        errors.append(f"train.visualize_samples={train.visualize_samples} must be >= 1")
     _choice(errors, "train.precision", train.precision, ("auto", "bf16", "fp32"))
     engine_ok = _choice(errors, "engine.name", cfg.engine.name, ("auto", "fsdp2", "single"))
     if engine_ok and cfg.engine.name == "single" and world_size > 1:
@@ -359,6 +373,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         errors.append(f"optim.clip_grad={optim.clip_grad} must be > 0 or null")
     _validate_model(cfg.model, errors)
     _validate_data(cfg.data, errors)
+    init_from = cfg.init["from"]
+    if not isinstance(init_from, str):
+        errors.append(f"init.from={init_from!r} must be a path (an export directory or a weights file)")
+    elif init_from:
+        from pretrain.init_weights import resolve
+
+        try:
+            resolve(init_from)
+        except ConfigError as e:
+            errors.append(str(e))
     from pretrain.methods import method_config_class
 
     check = getattr(method_config_class(cfg.method.name), "validate", None)

@@ -13,6 +13,7 @@ import logging
 import math
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.jsonl = run_dir / "metrics.jsonl"
         self.tb = None
+        self._image_thread: ThreadPoolExecutor | None = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -85,7 +87,27 @@ class MetricsWriter:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
 
+    def images(self, step: int, images: dict[str, torch.Tensor]) -> None:
+        """Write ``{tag: float [N, C, H, W] in [0, 1] (CPU)}`` to TensorBoard off the calling thread
+        (PNG encoding takes milliseconds per image; the training loop does not wait for it)."""
+        if not self.enabled or not images:
+            return
+        if self._image_thread is None:
+            self._image_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tb-images")
+        tb = self.tb
+        assert tb is not None
+
+        def write() -> None:
+            for tag, value in images.items():
+                tb.add_images(tag, value, step, dataformats="NCHW")
+            tb.flush()
+
+        self._image_thread.submit(write)
+
     def close(self) -> None:
+        if self._image_thread is not None:
+            self._image_thread.shutdown(wait=True)
+            self._image_thread = None
         if self.tb is not None:
             self.tb.close()
 

@@ -119,6 +119,34 @@ def run(cfg: Any) -> int:
             lock.release()
 
 
+def visual_batch(cfg: Any, views: list[Any]) -> dict[str, Any] | None:
+    """The fixed batch a method visualises (``train.visualize_every``), the same on every rank.
+
+    The first ``train.visualize_samples`` samples of a one-process, worker-less read of the run's data
+    with its seed: a pure function of the config, so the same images are shown after a resume, at
+    any world size. DALI runs read it through the CPU loader (same samples, no second DALI graph).
+    """
+    if not cfg.train.visualize_every:
+        return None
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
+    from data_pipelines.loader import LoaderConfig, build_loader
+
+    data = LoaderConfig(**OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
+    data = replace(data, num_workers=0, backend="wds" if data.backend == "dali" else data.backend)
+    batches = build_loader(
+        data, views, batch_size=cfg.train.visualize_samples, rank=0, world_size=1, seed=cfg.run.seed
+    )
+    try:
+        return next(batches)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
 def _run_owned(cfg: Any, env: Any, run_dir: Path) -> int:
     from data_pipelines.loader import build_loader
     from pretrain.checkpoint import CheckpointManager
@@ -148,6 +176,16 @@ def _run_owned(cfg: Any, env: Any, run_dir: Path) -> int:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     method = build_method(cfg)
+    init_report = None
+    if cfg.init["from"]:
+        if latest is None:
+            from pretrain.init_weights import load_initial_weights
+
+            init_report = load_initial_weights(method, cfg.init["from"])
+        else:
+            log.info(
+                "init.from=%s not used: the run resumes from its checkpoint %s", cfg.init["from"], latest
+            )
     engine = build_engine(cfg, env)
     engine.setup(method)
 
@@ -186,6 +224,10 @@ def _run_owned(cfg: Any, env: Any, run_dir: Path) -> int:
     # The run is built: only now does its name get a config (a config that fails above locks nothing).
     if env.is_main:
         write_run_config(cfg, run_dir, resume_step)
+        if init_report is not None:
+            from pretrain.init_weights import write_report
+
+            write_report(run_dir, init_report)
     barrier(env)
     writer = MetricsWriter(run_dir, start_step, env.is_main)
     writer.event(
@@ -205,7 +247,7 @@ def _run_owned(cfg: Any, env: Any, run_dir: Path) -> int:
             start_step,
             cfg.train.steps,
         )
-    trainer = Trainer(cfg, env, engine, iter(loader), checkpoints, writer)
+    trainer = Trainer(cfg, env, engine, iter(loader), checkpoints, writer, visual_batch(cfg, method.views()))
     finished_cleanly = False
     try:
         result = trainer.fit(start_step)

@@ -50,8 +50,10 @@ class Trainer:
         loader: Iterator[dict[str, Any]],
         checkpoints: CheckpointManager,
         writer: MetricsWriter,
+        visual_batch: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.env, self.engine, self.loader = cfg, env, engine, loader
+        self.visual_batch = _to_device(visual_batch, env.device) if visual_batch is not None else None
         self.checkpoints, self.writer = checkpoints, writer
         self.method = engine.method
         self.model = engine.model
@@ -134,6 +136,8 @@ class Trainer:
                 self._check_finite()
                 # The process exits after a stop or the last step: those saves are written before returning.
                 self.checkpoints.save(step, self.engine, self._trainer_state(step), blocking=stop or last)
+            if self.visual_batch is not None and step % cfg.train.visualize_every == 0:
+                self._visualize(step)
             export_every = cfg.train.export_every
             if step == self.total_steps or (export_every and step % export_every == 0):
                 self._check_finite()  # an export is never written from non-finite weights
@@ -147,6 +151,18 @@ class Trainer:
         return TrainResult(step=step, finished=True, stopped=False)
 
     # ---- helpers -------------------------------------------------------------------------------
+    def _visualize(self, step: int) -> None:
+        """The method's images of the fixed batch (same masks every time: a fixed seed), on every rank."""
+        assert self.visual_batch is not None
+        n = self.visual_batch["images"][0].shape[0]
+        rng = BatchRandom(self.cfg.run.seed, -1, 0, n, self.device)
+        self.model.eval()
+        with torch.no_grad(), self.engine.autocast():
+            images = self.model.visualize(self.visual_batch, rng)
+        self.model.train()
+        if self.env.is_main:
+            self.writer.images(step, {k: v.detach().float().cpu() for k, v in images.items()})
+
     def _on_checkpoint(self, record: SaveRecord) -> None:
         self.writer.event(
             "checkpoint",

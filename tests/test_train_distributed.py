@@ -48,6 +48,7 @@ def test_fsdp2_two_ranks_equals_one_process(tmp_path: Path):
         "optim.warmup_steps=1",
         "train.ckpt_every=100",
         "engine.reshard_after_forward=true",
+        "train.visualize_every=2",  # the method's pictures run like forward under FSDP2 (every rank)
     ]
     run_cmd(train_cmd(1, *common(tmp_path, "single", *args, "engine.name=single")))
     run_cmd(train_cmd(2, *common(tmp_path, "fsdp", *args, "engine.name=fsdp2")))
@@ -55,6 +56,11 @@ def test_fsdp2_two_ranks_equals_one_process(tmp_path: Path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "fsdp" / "tb"), size_guidance={"images": 0})
+    tb.Reload()
+    assert [e.step for e in tb.Images("mae/reconstruction")] == [2, 4]
     wa, wb = export_weights(tmp_path / "single", 4), export_weights(tmp_path / "fsdp", 4)
     assert wa.keys() == wb.keys()
     for k in wa:

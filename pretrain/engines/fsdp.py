@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from pretrain.engines.base import Engine
 from pretrain.methods.base import Method
@@ -26,6 +26,7 @@ class FSDP2Engine(Engine):
             fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         # The root's parameters are gathered for the whole step anyway: keep them after forward.
         fully_shard(method, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        register_fsdp_forward_method(method, "visualize")  # gathers the root's parameters like forward
         return method
 
     def set_grad_sync(self, enabled: bool) -> None:

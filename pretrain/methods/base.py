@@ -2,8 +2,9 @@
 
 The trainer calls only what is defined here: ``forward(batch, step, rng) -> {"loss": ..., metrics}``,
 ``after_optimizer_step(step)``, ``param_groups()``, ``shard_units()``, ``export_backbone()``,
-``flops_per_sample()`` and ``views()``. Heads, losses, EMA teachers and a method's own schedules
-live inside the method.
+``flops_per_sample()``, ``views()`` and ``visualize()``; ``backbone()`` / ``load_backbone()`` start a
+run from pretrained weights (``init.from``). Heads, losses, EMA teachers and a method's own
+schedules live inside the method.
 """
 
 from __future__ import annotations
@@ -61,6 +62,26 @@ class Method(nn.Module):
     def export_backbone(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
         """Map the method's full state dict to the eval backbone (timm names) and a JSON description."""
         raise NotImplementedError
+
+    def visualize(self, batch: dict[str, Any], rng: BatchRandom) -> dict[str, torch.Tensor]:
+        """Images for TensorBoard from a fixed batch: ``{tag: float [N, 3, H, W] in [0, 1]}``.
+
+        Called every ``train.visualize_every`` steps on every rank (under FSDP2 it runs like
+        ``forward``, gathering parameters), in eval mode without gradients; rank 0 writes the images
+        off the training thread. The default shows nothing.
+        """
+        return {}
+
+    def backbone(self) -> nn.Module:
+        """The image encoder whose state dict has timm's names (what :meth:`export_backbone` exports)."""
+        raise NotImplementedError
+
+    def load_backbone(self, state: dict[str, torch.Tensor]) -> None:
+        """Start from pretrained encoder weights (timm names, shapes checked by the caller).
+
+        Methods holding a second copy of the encoder (an EMA teacher) override this to set both.
+        """
+        self.backbone().load_state_dict(state, strict=True)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: no decay on norms, biases, position embeddings and tokens."""

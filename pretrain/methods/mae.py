@@ -95,6 +95,15 @@ def patchify(imgs: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(b, gh * gw, patch * patch * c)
 
 
+def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], chans: int = 3) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``[B, L, p*p*C] -> [B, C, H, W]``."""
+    b = patches.shape[0]
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, patch, patch, chans)
+    x = torch.einsum("bhwpqc->bchpwq", x)
+    return x.reshape(b, chans, gh * patch, gw * patch)
+
+
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
     """Mean squared error on masked patches (MAE §3 "Reconstruction target").
 
@@ -190,6 +199,14 @@ class MAE(Method):
 
     def forward(self, batch: dict[str, Any], step: int, rng: BatchRandom) -> dict[str, torch.Tensor]:
         imgs = batch["images"][0]  # [B, C, H, W], normalized
+        pred, mask, target = self._reconstruct(imgs, rng)
+        loss = mae_loss(pred, target, mask, self.norm_pix_loss)
+        return {"loss": loss}
+
+    def _reconstruct(
+        self, imgs: torch.Tensor, rng: BatchRandom
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask, encode the visible patches, decode all: (pred ``[B, L, p*p*C]``, mask ``[B, L]``, target)."""
         b = imgs.shape[0]
         num_masked = num_masked_patches(self.num_patches, self.mask_ratio)
         noise = rng.rand(b, self.num_patches)  # [B, L], same draw whatever the world size
@@ -212,8 +229,44 @@ class MAE(Method):
         pred = self.decoder_pred(y)[:, 1:]  # [B, L, p*p*C]
 
         target = patchify(imgs, self.patch_size)
-        loss = mae_loss(pred, target, mask, self.norm_pix_loss)
-        return {"loss": loss}
+        return pred, mask, target
+
+    @torch.no_grad()
+    def visualize(self, batch: dict[str, Any], rng: BatchRandom) -> dict[str, torch.Tensor]:
+        """The paper's Figure 2 for a fixed batch: original, masked input, reconstruction, and the
+        reconstruction with the visible patches pasted back (as the authors' demo notebook shows it)."""
+        imgs = batch["images"][0]
+        pred, mask, target = self._reconstruct(imgs, rng)
+        pred = pred.float()
+        if self.norm_pix_loss:  # the decoder predicts normalized patches: undo with the input's statistics
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        grid = self.encoder.grid_size
+        recon = unpatchify(pred, self.patch_size, grid, self.in_chans)
+        masked = unpatchify(
+            mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]).to(pred.dtype),
+            self.patch_size,
+            grid,
+            self.in_chans,
+        )
+        imgs = imgs.float()
+        view = self.views()[0]
+        mean = torch.tensor(view.mean, device=imgs.device).view(1, -1, 1, 1)
+        std = torch.tensor(view.std, device=imgs.device).view(1, -1, 1, 1)
+
+        def to_unit(x: torch.Tensor) -> torch.Tensor:
+            return (x * std + mean).clamp(0.0, 1.0)
+
+        return {
+            "mae/original": to_unit(imgs),
+            "mae/masked": to_unit(imgs * (1 - masked)),
+            "mae/reconstruction": to_unit(recon),
+            "mae/reconstruction_plus_visible": to_unit(imgs * (1 - masked) + recon * masked),
+        }
+
+    def backbone(self) -> nn.Module:
+        return self.encoder
 
     def flops_per_sample(self) -> float:
         enc = self.encoder
