@@ -1,4 +1,4 @@
-"""Distributed self-supervised pretraining of vision transformers (MAE, DINO, CLIP).
+"""Distributed self-supervised pretraining of vision transformers (MAE today; DINO and CLIP next).
 
 Exact, tested-together versions live in requirements.txt (``make install``); the ranges here are
 what the code supports.
@@ -11,7 +11,7 @@ from setuptools import find_packages, setup
 setup(
     name="ssl-pretrain",
     version="0.1.0",
-    description="Distributed self-supervised pretraining of ViTs: MAE, DINO, CLIP on SLURM with FSDP2",
+    description="Distributed self-supervised pretraining of ViTs on SLURM with FSDP2 (MAE; evals read CLIP exports)",
     long_description=(Path(__file__).parent / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

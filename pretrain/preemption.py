@@ -1,6 +1,6 @@
 """Stop requests: a signal handler only sets a flag; ranks agree on it at the next step boundary.
 
-Never run collectives or I/O inside a signal handler (DESIGN.md): the trainer polls
+Never run collectives or I/O inside a signal handler (a sharded save there deadlocks): the trainer polls
 :func:`stop_requested` once per step, all ranks agree through a CPU all-reduce, then all save
 together and return.
 """
