@@ -1,7 +1,13 @@
-"""Small, bounded queries of the SLURM cluster (sinfo, squeue, sacct) for the launcher and status tool."""
+"""Small, bounded queries of the SLURM cluster (sinfo, squeue, sacct) for the launcher and status tool.
+
+Callers first ask :func:`probe_controller` (one ``scontrol ping``, a few seconds at most): with the
+controller down, ``sinfo`` and ``squeue`` retry for ~9 s each before they give up, so every further
+query is skipped once the probe says nobody answers.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -28,8 +34,17 @@ ACTIVE_STATES = frozenset(
 )
 
 
+# Seconds `scontrol ping` may take. A live controller answers a ping in milliseconds, even when busy;
+# a dead one makes SLURM's clients retry for ~9 s, or wait MessageTimeout when its port never answers.
+PROBE_TIMEOUT_S = 3.0
+
+
 class SlurmUnavailable(RuntimeError):
     """The SLURM commands are missing or the controller does not answer."""
+
+
+class ControllerDown(SlurmUnavailable):
+    """SLURM is installed, but no controller answered ``scontrol ping`` (the message says what it said)."""
 
 
 def slurm_installed() -> bool:
@@ -46,6 +61,38 @@ def _run(cmd: list[str], timeout: float = 30) -> str:
     if proc.returncode != 0:
         raise SlurmUnavailable(f"'{' '.join(cmd)}' failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout
+
+
+def slurm_conf() -> str:
+    """The configuration SLURM's commands read: ``$SLURM_CONF`` or the default path."""
+    return os.environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
+
+
+def probe_controller(timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Return when a SLURM controller answers ``scontrol ping`` within ``timeout`` seconds.
+
+    Raises:
+        SlurmUnavailable: ``scontrol`` is not installed.
+        ControllerDown: no controller answered; the message names the config and what ping said.
+    """
+    cmd = ["scontrol", "ping"]
+    if shutil.which(cmd[0]) is None:
+        raise SlurmUnavailable(f"'{cmd[0]}' not found: SLURM is not installed on this machine")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise ControllerDown(
+            f"no SLURM cluster answered: 'scontrol ping' got no answer within {timeout:g} s "
+            f"(config {slurm_conf()})"
+        ) from None
+    # One line per controller, e.g. "Slurmctld(primary) at head1 is UP"; any UP controller serves.
+    if " is UP" in proc.stdout:
+        return
+    said = " ".join(line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "*" not in line)
+    raise ControllerDown(
+        f"no SLURM cluster answered: 'scontrol ping' says: {said or f'exit code {proc.returncode}'} "
+        f"(config {slurm_conf()})"
+    )
 
 
 def partitions() -> tuple[list[str], str | None]:

@@ -42,6 +42,28 @@ def recipe_for_method(method: str) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def complete_steps(parent: Path) -> list[int]:
+    """Steps of the ``step_N`` directories under ``parent`` that hold a ``COMPLETE`` marker, ascending.
+
+    A checkpoint or export without the marker does not exist (it was cut short), so it is not listed.
+    """
+    steps = []
+    if parent.is_dir():
+        for d in parent.glob("step_*"):
+            if (d / "COMPLETE").is_file():
+                try:
+                    steps.append(int(d.name.split("_", 1)[1]))
+                except ValueError:
+                    continue
+    return sorted(steps)
+
+
+def finished_step(run_dir: Path, total_steps: int) -> int | None:
+    """The step of the run's newest complete export if training is done (step >= ``total_steps``)."""
+    exports = complete_steps(run_dir / "exports")
+    return exports[-1] if exports and exports[-1] >= total_steps else None
+
+
 def eval_protocols(spec: str | None) -> list[str]:
     """``--eval knn,linear`` -> ["knn", "linear"], checked against ``configs/eval/*.yaml`` when present."""
     if not spec:
@@ -123,9 +145,12 @@ def slurm_parameters(
 
 
 def eval_slurm_parameters(
-    profile: ClusterProfile, job_name: str, after_job_id: str, repo_root: Path = REPO_ROOT
+    profile: ClusterProfile, job_name: str, after_job_id: str | None, repo_root: Path = REPO_ROOT
 ) -> dict[str, Any]:
-    """One task (one GPU if the nodes have GPUs) that starts after job ``after_job_id`` succeeded."""
+    """One task (one GPU if the nodes have GPUs); with ``after_job_id``, it starts after that job succeeded.
+
+    ``after_job_id`` None: the run is finished, the eval can start at once.
+    """
     params: dict[str, Any] = {
         "job_name": job_name,
         "nodes": 1,
@@ -134,10 +159,16 @@ def eval_slurm_parameters(
         "time": parse_time_minutes(profile.eval_time),
         "signal_delay_s": min(profile.signal_delay_s, 60),
         "setup": setup_lines(profile, repo_root),
-        "dependency": f"afterok:{after_job_id}",
-        # If pretraining fails the dependency can never be met: drop the eval instead of leaving it pending.
-        "additional_parameters": {"requeue": True, "kill-on-invalid-dep": "yes", **profile.sbatch},
+        "additional_parameters": {"requeue": True, **profile.sbatch},
     }
+    if after_job_id is not None:
+        params["dependency"] = f"afterok:{after_job_id}"
+        # If pretraining fails the dependency can never be met: drop the eval instead of leaving it pending.
+        params["additional_parameters"] = {
+            "requeue": True,
+            "kill-on-invalid-dep": "yes",
+            **profile.sbatch,
+        }
     if profile.gpus_per_node > 0:
         params["gpus_per_node"] = 1
     for key in ("partition", "account", "qos", "constraint"):
@@ -179,12 +210,28 @@ class Plan:
     slurm: dict[str, Any]
     evals: list[str] = field(default_factory=list)
     local_nproc: int | None = None
+    finished_step: int | None = None  # the run's complete export at step >= train.steps: nothing to train
+
+    @property
+    def evals_only(self) -> bool:
+        """A finished run with ``--eval``: only the eval jobs are submitted, no training job."""
+        return self.finished_step is not None and bool(self.evals) and self.local_nproc is None
 
     def describe(self, est: Estimate | None) -> str:
         from pretrain.config import to_yaml
 
         cfg, p = self.cfg, self.profile
         lines = ["# resolved config", to_yaml(cfg).rstrip(), ""]
+        if self.evals_only:
+            lines += [
+                f"# run '{cfg.run.name}' is finished (export step {self.finished_step} >= train.steps="
+                f"{cfg.train.steps}): no training job; eval jobs only",
+                f"evals:        {', '.join(self.evals)} on {self.run_dir}/exports/step_{self.finished_step:08d}",
+                f"eval job:     1 node x 1 task, {p.cpus_per_task} CPU(s)"
+                + (", 1 GPU" if p.gpus_per_node > 0 else "")
+                + f", time {p.eval_time}",
+            ]
+            return "\n".join(lines)
         if self.local_nproc is not None:
             lines += ["# local run (no SLURM)", f"processes: {self.local_nproc} on this machine"]
         else:
@@ -210,6 +257,10 @@ class Plan:
             f" accum {cfg.train.accum_steps})",
             f"steps:        {steps} ({steps * gbs:,} samples)",
         ]
+        if self.finished_step is not None:
+            lines.append(
+                f"training:     finished (export step {self.finished_step} >= train.steps): nothing to train"
+            )
         if self.evals:
             lines.append(f"evals:        {', '.join(self.evals)} (after pretraining succeeds)")
         if est is not None:

@@ -10,6 +10,7 @@ the job that runs in every task is launch/jobs.py, the local path launch/local.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,33 +28,46 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 EPILOG = """\
 examples:
-  # the method's paper recipe (configs/default_recipes.yaml: mae -> configs/mae/vit_l16_in1k.yaml), 64 GPUs
+  # the method's paper recipe (configs/default_recipes.yaml: mae -> configs/mae/vit_l16_in1k.yaml) on
+  # 8 nodes x 8 GPUs; mysite = your profile configs/cluster/mysite.yaml (copy example_h100.yaml)
   python launch/slurm.py --cluster mysite --method mae --nodes 8
-  # what would be submitted, with a GPU-hours estimate; submits nothing
+  # what would be submitted, with a GPU-hours estimate; submits nothing, needs no cluster
   python launch/slurm.py --method mae --nodes 8 --dry-run
-  # any recipe, config overrides at the end, evals after pretraining succeeds
+  # any recipe, config overrides at the end, k-NN and linear eval jobs after pretraining succeeds;
+  # the same command once the run has finished submits only the eval jobs (no training job)
   python launch/slurm.py --config configs/mae/vit_l16_in1k.yaml --nodes 4 --time 2-00:00:00 \\
       --name mae_l16_run2 --eval knn,linear train.steps=100000 optim.base_lr=2e-4
-  # the single-machine test cluster (launch/local_cluster.sh start), CPU ranks
+  # the single-machine test cluster (first: sudo launch/local_cluster.sh start), CPU ranks
   python launch/slurm.py --cluster local --config configs/mae/tiny_fmnist.yaml --nodes 2
   # the same job as 2 processes on this machine, without SLURM
   python launch/slurm.py --config configs/mae/tiny_fmnist.yaml --local --nproc 2
 
 run directory:
-  runs/<run name>/ (run.root/run.name; --name sets run.name). Every rank and every requeued attempt
-  writes there; submitit's logs are in runs/<name>/slurm/<jobid>_<rank>_log.{out,err}. Submitting
-  the same name again resumes from its newest complete checkpoint.
+  <run.root>/<run.name>/, runs/<name>/ by default (--name sets run.name; a relative run.root is
+  relative to the directory you submit from). Every rank and every requeued attempt writes there;
+  submitit's logs are in runs/<name>/slurm/<jobid>_<rank>_log.{out,err}. Submitting the same name
+  again resumes from its newest complete checkpoint. python launch/status.py <name> shows the job,
+  its restarts, why it failed, the newest checkpoint, the last loss and the eval results.
 
-preemption and time limits:
-  SLURM sends USR2 --signal-delay seconds before the time limit (or on `scancel --signal=USR2 JOB`).
-  Every rank only sets a stop flag; the ranks agree at the next step, all save that step, then the
-  job requeues itself (same job id) and resumes there. At most --max-timeouts time-limit requeues
-  and --max-requeues restarts in all; then the job fails with a complete checkpoint. `scontrol
-  requeue JOB` (no signal) resumes from the last periodic checkpoint. A rank that dies ends the job at
-  once (srun --kill-on-bad-exit); `scontrol requeue JOB` or the same command again resumes it.
+stopping, preemption and time limits (the launcher prints these commands):
+  scancel JOB                  save and stop: SLURM sends SIGTERM to every process, and SIGKILL KillWait
+                               seconds later (scontrol show config | grep KillWait). The ranks agree at
+                               the next step, save it, and exit 3; the job ends CANCELLED, never
+                               requeued. Submit the same command again to continue.
+  scancel --signal=USR2 JOB    save and requeue: as at a time limit (USR2 --signal-delay seconds
+                               before it), the ranks save the next step, then the job requeues itself
+                               (same job id) and resumes there. At most --max-timeouts time-limit
+                               requeues and --max-requeues restarts in all; then the job fails, its
+                               newest checkpoint complete.
+  scontrol requeue JOB         restart now: SIGTERM as for scancel (the ranks save if the save fits in
+                               KillWait), then SLURM starts the job again (same id), which resumes from
+                               the newest complete checkpoint.
+  A save cut short by SIGKILL has no COMPLETE marker and is never used. A rank that dies ends the job
+  at once (srun --kill-on-bad-exit); `scontrol requeue JOB` or the same command again resumes it.
 
-exit codes: 0 submitted (or --dry-run / --local finished), 2 bad input (nothing submitted),
-  3 --local run stopped with a checkpoint, 1 other failures.
+exit codes: 0 submitted (or --dry-run / --local finished), 2 bad input (nothing submitted; the message
+  names the flag, file or key and what is valid), 3 --local run stopped with a checkpoint, 1 other
+  failures (e.g. no SLURM controller answered: nothing submitted).
 """
 
 
@@ -63,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
         description=(
             "Launch self-supervised pretraining as one SLURM job (submitit): one task per GPU, every rank "
             "running pretrain.train with the process group from submitit's environment (NCCL on GPUs, gloo "
-            "on CPU nodes). Preemption-safe: the job saves and requeues itself on SLURM's signal."
+            "on CPU nodes). Preemption-safe: on SLURM's USR2 the ranks save and the job requeues itself; on "
+            "SIGTERM (scancel) they save and stop."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,7 +95,9 @@ def parser() -> argparse.ArgumentParser:
         help="recipe YAML, e.g. configs/mae/vit_l16_in1k.yaml (instead of --method)",
     )
     what.add_argument(
-        "--name", metavar="RUN", help="run name (sets run.name; the run directory is runs/<name>)"
+        "--name",
+        metavar="RUN",
+        help="run name (sets run.name; the run directory is <run.root>/<name>, runs/<name>)",
     )
     what.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=1000"
@@ -149,9 +166,9 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--eval",
         metavar="P1,P2",
-        help="evaluation protocols (e.g. knn,linear) submitted as jobs "
-        "that start after pretraining succeeds: python -m evals.run --checkpoint "
-        "runs/<name>/exports/latest --protocol P",
+        help="evaluation protocols (e.g. knn,linear; configs/eval/*.yaml), one job each: python -m evals.run "
+        "--checkpoint runs/<name>/exports/latest --protocol P, started after pretraining succeeds; on a "
+        "finished run (newest export at step >= train.steps) only these jobs, on its final export",
     )
     mode.add_argument(
         "--eval-args",
@@ -178,7 +195,14 @@ def parser() -> argparse.ArgumentParser:
 def build_plan(args: argparse.Namespace):
     """Flags -> Plan (raises LaunchError / ConfigError on bad input)."""
     from launch.cluster_profile import load_profile
-    from launch.plan import Plan, eval_protocols, profile_with_overrides, recipe_for_method, slurm_parameters
+    from launch.plan import (
+        Plan,
+        eval_protocols,
+        finished_step,
+        profile_with_overrides,
+        recipe_for_method,
+        slurm_parameters,
+    )
     from pretrain.config import load_config
 
     if args.nodes < 1:
@@ -234,27 +258,19 @@ def build_plan(args: argparse.Namespace):
         slurm=slurm_parameters(profile, cfg.run.name, args.nodes),
         evals=eval_protocols(args.eval),
         local_nproc=world_size if args.local else None,
+        finished_step=finished_step(run_dir, int(cfg.train.steps)),
     ), overrides
 
 
 def check_run_dir(plan) -> None:
-    """Refuse a config that the run's saved config would refuse on resume (before submitting)."""
-    from omegaconf import OmegaConf
+    """Refuse, before submitting, a config that the run's saved config would refuse on resume.
 
-    from pretrain.config import RESUME_SAFE_KEYS, diff_configs
+    The trainer's own check (``pretrain.config.check_run_config``; writes nothing): ConfigError naming
+    every changed key with both values.
+    """
+    from pretrain.config import check_run_config
 
-    saved = plan.run_dir / "config.yaml"
-    if not saved.is_file() or plan.cfg.resume.allow_config_change:
-        return
-    conflicts = {
-        k: v for k, v in diff_configs(OmegaConf.load(saved), plan.cfg).items() if k not in RESUME_SAFE_KEYS
-    }
-    if conflicts:
-        lines = "\n".join(f"  {k}: saved {a!r} -> now {b!r}" for k, (a, b) in conflicts.items())
-        raise LaunchError(
-            f"{saved}: run '{plan.cfg.run.name}' exists with a different config; the job would refuse to "
-            f"resume it:\n{lines}\nUse the saved values, another --name, or resume.allow_config_change=true."
-        )
+    check_run_config(plan.cfg, plan.run_dir)
 
 
 def jobs_file(run_dir: Path) -> Path:
@@ -282,15 +298,36 @@ def _record(run_dir: Path, **fields) -> None:
 
 
 def submit(plan, argv: list[str], eval_args: str = "") -> int:
-    """Submit the pretraining job (and its evals); print the job id, run dir and how to follow it."""
+    """Submit the pretraining job and its evals (only the evals for a finished run); print how to follow.
+
+    Raises:
+        LaunchError: the run is finished and no eval was asked for, or a job still trains it.
+        SlurmUnavailable: a SLURM query failed.
+    """
     import submitit
 
     from launch.cluster import queue_states
-    from launch.jobs import EvalJob, PretrainJob, eval_command
-    from launch.plan import eval_slurm_parameters
+    from launch.jobs import PretrainJob
     from pretrain.config import to_yaml
 
     cfg, profile = plan.cfg, plan.profile
+    folder = plan.run_dir / "slurm"
+    workdir = os.getcwd()
+    if plan.evals_only:
+        print(
+            f"run '{cfg.run.name}' is finished (export step {plan.finished_step} >= train.steps="
+            f"{cfg.train.steps}): submitting its evals only, no training job"
+        )
+        failed = _submit_evals(plan, None, f"{plan.run_dir}/exports/step_{plan.finished_step:08d}", eval_args)
+        print(f"status:   python launch/status.py {plan.run_dir}")
+        return EXIT_FAILED if failed else EXIT_OK
+    if plan.finished_step is not None:
+        raise LaunchError(
+            f"run '{cfg.run.name}' is finished: {plan.run_dir}/exports/step_{plan.finished_step:08d} is "
+            f"complete and train.steps={cfg.train.steps}; nothing to train. Evaluate it with --eval "
+            "PROTOCOLS (only the eval jobs are submitted), train a new run with another --name, or "
+            "train this one longer: train.steps=N resume.allow_config_change=true (re-plans the schedules)."
+        )
     previous = [j["job_id"] for j in recorded_jobs(plan.run_dir) if j.get("kind") == "pretrain"]
     active = queue_states(previous)
     if active:
@@ -299,8 +336,6 @@ def submit(plan, argv: list[str], eval_args: str = "") -> int:
             f"job {jid} ({state}) is already training run '{cfg.run.name}' in {plan.run_dir}: wait for it, "
             f"`scancel {jid}`, or choose another --name"
         )
-    folder = plan.run_dir / "slurm"
-    workdir = os.getcwd()
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_timeouts)
     executor.update_parameters(**plan.slurm)
     job = executor.submit(PretrainJob(to_yaml(cfg), workdir, profile.max_requeues, profile.gpus_per_node))
@@ -325,28 +360,76 @@ def submit(plan, argv: list[str], eval_args: str = "") -> int:
     print(f"logs:     {folder}/{jid}_0_log.out (rank 0; rank R: {jid}_R_log.out / .err)")
     print(f"follow:   tail -f {folder}/{jid}_0_log.out")
     print(f"status:   python launch/status.py {plan.run_dir}")
-    print(f"cancel:   scancel {jid}        (preempt: scancel --signal=USR2 {jid})")
+    print(f"stop:     scancel {jid}        (the ranks save, then the job ends; run this command to continue)")
+    print(f"preempt:  scancel --signal=USR2 {jid}   (the ranks save, the job requeues and resumes)")
+    failed = _submit_evals(plan, jid, f"{plan.run_dir}/exports/latest", eval_args)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _submit_evals(plan, after: str | None, checkpoint: str, eval_args: str) -> bool:
+    """One job per ``plan.evals`` protocol on ``checkpoint`` (after job ``after`` succeeds, if given).
+
+    Returns True when a submission failed (said on stderr; the other jobs stay submitted).
+    """
+    import submitit
+
+    from launch.jobs import EvalJob, eval_command
+    from launch.plan import eval_slurm_parameters
+
+    cfg, profile = plan.cfg, plan.profile
+    folder = plan.run_dir / "slurm"
+    workdir = os.getcwd()
     failed = False
-    run_dir_arg = str(plan.run_dir)
     for protocol in plan.evals:
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_timeouts)
-        ex.update_parameters(**eval_slurm_parameters(profile, f"{cfg.run.name}-eval-{protocol}", jid))
-        command = eval_command(sys.executable, run_dir_arg, protocol) + shlex.split(eval_args)
+        ex.update_parameters(**eval_slurm_parameters(profile, f"{cfg.run.name}-eval-{protocol}", after))
+        command = eval_command(sys.executable, checkpoint, protocol) + shlex.split(eval_args)
         try:
             ejob = ex.submit(EvalJob(command, workdir))
-        except Exception as e:  # pretraining is submitted: say what failed, keep going
+        except Exception as e:  # pretraining may be submitted: say what failed, keep going
             print(f"error: eval '{protocol}' was not submitted: {e}", file=sys.stderr)
             failed = True
             continue
-        _record(plan.run_dir, job_id=ejob.job_id, kind="eval", protocol=protocol, after=jid, command=command)
-        print(f"eval:     job {ejob.job_id} ({protocol}) starts after {jid} succeeds: {' '.join(command)}")
-    return EXIT_FAILED if failed else EXIT_OK
+        _record(
+            plan.run_dir, job_id=ejob.job_id, kind="eval", protocol=protocol, after=after, command=command
+        )
+        when = f"starts after {after} succeeds" if after else "submitted"
+        print(f"eval:     job {ejob.job_id} ({protocol}) {when}: {' '.join(command)}")
+        print(f"          logs {folder}/{ejob.job_id}_0_log.out")
+    return failed
+
+
+def no_cluster_message(error: Exception) -> str:
+    """What to do when no SLURM controller answered (nothing was submitted)."""
+    return (
+        f"{error}\nNothing was submitted. Instead:\n"
+        "  --dry-run          show what would be submitted (needs no cluster)\n"
+        "  --local --nproc N  run the same job as N processes on this machine, without SLURM\n"
+        "  --cluster local    the single-machine test cluster; start it first: "
+        "sudo launch/local_cluster.sh start\n"
+        "or point SLURM_CONF at your cluster's slurm.conf."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_intermixed_args(argv)
-    from launch.cluster import SlurmUnavailable, check_partition, slurm_installed
+    try:
+        return _main(args, argv)
+    except BrokenPipeError:  # `... --dry-run | head`: the reader left; say nothing more
+        _silence_stdout()
+        return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    from launch.cluster import SlurmUnavailable, check_partition, probe_controller, slurm_installed
     from pretrain.config import ConfigError
 
     try:
@@ -360,20 +443,35 @@ def main(argv: list[str] | None = None) -> int:
         partition_note = ""
         if needs_slurm:
             try:
+                probe_controller()  # one bounded ping: sinfo alone would retry for ~9 s
                 plan.slurm["partition"] = check_partition(plan.profile.partition)
             except SlurmUnavailable as e:
                 if not args.dry_run:
-                    print(f"error: {e}", file=sys.stderr)
+                    print(f"error: {no_cluster_message(e)}", file=sys.stderr)
                     return EXIT_FAILED
                 partition_note = f"(partition not checked: {e})"
-        check_run_dir(plan)
+        if not plan.evals_only:
+            check_run_dir(plan)
+        est = None
+        if args.dry_run and not plan.evals_only:
+            from launch.plan import estimate, method_flops_per_sample
+
+            est = estimate(
+                method_flops_per_sample(plan.cfg),
+                int(plan.cfg.train.steps),
+                int(plan.cfg.train.global_batch_size),
+                plan.world_size,
+                plan.profile.peak_tflops,
+                plan.profile.assumed_mfu,
+            )
     except (LaunchError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
     shards = str(plan.cfg.data.shards or "")
     if (
-        plan.cfg.data.backend == "wds"
+        not plan.evals_only
+        and plan.cfg.data.backend == "wds"
         and shards
         and not any(c in shards for c in "*?[{")
         and not Path(shards).exists()
@@ -383,16 +481,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.dry_run:
-        from launch.plan import estimate, method_flops_per_sample
-
-        est = estimate(
-            method_flops_per_sample(plan.cfg),
-            int(plan.cfg.train.steps),
-            int(plan.cfg.train.global_batch_size),
-            plan.world_size,
-            plan.profile.peak_tflops,
-            plan.profile.assumed_mfu,
-        )
         print(plan.describe(est))
         if partition_note:
             print(partition_note)

@@ -1,12 +1,15 @@
-"""Status of pretraining runs: SLURM job state, restarts, newest complete checkpoint, last loss/throughput.
+"""Status of pretraining runs: SLURM job state, restarts, why a job failed, newest complete checkpoint,
+last loss/throughput and eval results.
 
     python launch/status.py RUN [RUN ...]      # a run name (under runs/) or a run directory
     python launch/status.py --all              # every run under runs/ (or --root DIR)
     python launch/status.py RUN --json         # one JSON object per run, for scripts and dashboards
 
-Reads only the run directory (``metrics.jsonl``, ``checkpoints/``, ``exports/``, ``slurm/jobs.jsonl``
-written by launch/slurm.py) and asks SLURM (``squeue``, ``sacct``) about the run's jobs when SLURM
-is there. Exit code 0, or 2 when a named run does not exist.
+Reads the run directory (``metrics.jsonl``, ``checkpoints/``, ``exports/``, ``evals/``,
+``slurm/jobs.jsonl`` written by launch/slurm.py, and the jobs' logs) and asks SLURM (``squeue``,
+``sacct``) about the run's jobs. SLURM is probed once first (``scontrol ping``, a few seconds at most):
+when no controller answers, one line says so and no other SLURM query is made. Exit code 0, or 2 when
+a named run does not exist; a reader that stops early (``| head``) ends it quietly.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,17 +27,13 @@ from typing import Any
 if __package__ in (None, ""):  # `python launch/status.py`: import from the repository, not from launch/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from launch.plan import complete_steps
 
-def _complete_steps(parent: Path) -> list[int]:
-    steps = []
-    if parent.is_dir():
-        for d in parent.glob("step_*"):
-            if (d / "COMPLETE").is_file():
-                try:
-                    steps.append(int(d.name.split("_")[1]))
-                except (IndexError, ValueError):
-                    continue
-    return sorted(steps)
+# sacct states of a job attempt that did not succeed: status says why (exit code, log line).
+UNSUCCESSFUL_STATES = frozenset(
+    {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+)
+LOG_TAIL_BYTES = 64 * 1024  # how much of each log's end is searched for the error line
 
 
 def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -66,19 +67,153 @@ def _jobs(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_status(run_dir: Path, query_slurm: bool = True) -> dict[str, Any]:
-    """Everything the status line shows, as a dict."""
+def eval_results(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's eval results, oldest step first: step, result name, protocol, scalar metrics, file.
+
+    Through ``evals.results.load_results`` (the evals package's own reader), else the result files
+    ``evals/step_N/*.json`` directly.
+    """
+    try:
+        from evals.results import load_results
+    except ImportError:
+        load_results = None
+    if load_results is not None:
+        payloads = load_results(run_dir)
+    else:
+        payloads = []
+        for path in sorted((run_dir / "evals").glob("step_*/*.json")):
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                payload = json.loads(path.read_text())
+                if isinstance(payload, dict) and "metrics" in payload:
+                    payloads.append({**payload, "_file": str(path)})
+    out = []
+    for p in payloads:
+        file = Path(p.get("_file", ""))
+        step = (p.get("checkpoint") or {}).get("step")
+        if step is None:
+            with contextlib.suppress(ValueError, IndexError):
+                step = int(file.parent.name.split("_", 1)[1])
+        metrics = {
+            k: float(v)
+            for k, v in (p.get("metrics") or {}).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        out.append(
+            {
+                "step": step,
+                "name": p.get("name") or file.stem,
+                "protocol": p.get("protocol"),
+                "metrics": metrics,
+                "file": str(file),
+            }
+        )
+    out.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["name"]))
+    return out
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+# Where an attempt starts in a log that every attempt appends to: submitit's first line (.out) and
+# launch.jobs' marker (.err).
+_ATTEMPT_START = re.compile(r"Starting with JobEnvironment|^launch: job \S+ attempt \d+ rank \d+ started")
+_TASK_FAILED = re.compile(r"^srun: error: \S+: tasks? [\d\-,]+: ")
+_SLURM_ERROR = re.compile(r"^(slurmstepd\S*|srun): error: |CANCELLED|TIME LIMIT|oom|Killed|Terminated")
+
+
+def last_error_line(log_files: list[Path]) -> str | None:
+    """The most telling error line of a job's last attempt (``<jobid>_<rank>_log.{err,out}``, rank 0 first).
+
+    Preference, across the files in order: the exception line that ends the last Python traceback,
+    then the last logged ERROR, then srun's first failed task (``srun: error: node2: task 1: Killed``:
+    the task that failed first, before srun ended the others), then SLURM's last own error line
+    (``slurmstepd: error: *** JOB 12 ON node1 CANCELLED AT ... DUE TO TIME LIMIT ***``).
+    """
+    texts = []
+    for path in log_files:
+        with contextlib.suppress(OSError), path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
+            lines = f.read().decode(errors="replace").splitlines()
+            starts = [i for i, line in enumerate(lines) if _ATTEMPT_START.search(line)]
+            texts.append(lines[starts[-1] :] if starts else lines)
+    for pick in (_exception_line, _logged_error, _first_failed_task, _slurm_error):
+        for lines in texts:
+            found = pick(lines)
+            if found:
+                return found.strip()[:300]
+    return None
+
+
+def _exception_line(lines: list[str]) -> str | None:
+    found = None
+    in_traceback = False
+    for line in lines:
+        if line.startswith(_TRACEBACK):
+            in_traceback = True
+        elif in_traceback and line.strip() and not line.startswith((" ", "\t")):
+            found, in_traceback = line, False
+    return found
+
+
+def _logged_error(lines: list[str]) -> str | None:
+    return next((ln for ln in reversed(lines) if re.search(r"\] ERROR |^\S+ ERROR ", ln)), None)
+
+
+def _first_failed_task(lines: list[str]) -> str | None:
+    return next((ln for ln in lines if _TASK_FAILED.search(ln)), None)
+
+
+def _slurm_error(lines: list[str]) -> str | None:
+    return next((ln for ln in reversed(lines) if _SLURM_ERROR.search(ln)), None)
+
+
+def _job_logs(run_dir: Path, job_id: str) -> list[Path]:
+    """A job's log files, rank 0 first, .err before .out."""
+
+    def key(p: Path) -> tuple[int, int]:
+        rank = p.name[len(job_id) + 1 :].split("_", 1)[0]
+        return (int(rank) if rank.isdigit() else 1 << 30, 0 if p.suffix == ".err" else 1)
+
+    return sorted((run_dir / "slurm").glob(f"{job_id}_*_log.*"), key=key)
+
+
+class SlurmProbe:
+    """Asks ``scontrol ping`` once, on first use; ``error`` is None when a controller answered."""
+
+    def __init__(self) -> None:
+        self._checked = False
+        self._error: str | None = None
+
+    @property
+    def error(self) -> str | None:
+        if not self._checked:
+            from launch.cluster import SlurmUnavailable, probe_controller
+
+            self._checked = True
+            try:
+                probe_controller()
+            except SlurmUnavailable as e:
+                self._error = f"{e}; job states not shown (--no-slurm: do not ask)"
+        return self._error
+
+
+def run_status(run_dir: Path, query_slurm: bool = True, slurm: SlurmProbe | None = None) -> dict[str, Any]:
+    """Everything the status lines show, as a dict.
+
+    Args:
+        run_dir: the run directory.
+        query_slurm: ask SLURM about the run's recorded jobs (squeue, sacct).
+        slurm: the probe to share between runs (one ``scontrol ping`` for all); default: a new one.
+    """
     from launch.cluster import SlurmUnavailable, queue_states, sacct_attempts
 
-    ckpts = _complete_steps(run_dir / "checkpoints")
-    exports = _complete_steps(run_dir / "exports")
+    ckpts = complete_steps(run_dir / "checkpoints")
+    exports = complete_steps(run_dir / "exports")
     last, events = _read_metrics(run_dir / "metrics.jsonl")
     total_steps = None
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         import yaml
 
-        with contextlib.suppress(yaml.YAMLError):
+        with contextlib.suppress(yaml.YAMLError, AttributeError):
             total_steps = (yaml.safe_load(cfg_path.read_text()) or {}).get("train", {}).get("steps")
     status: dict[str, Any] = {
         "run": run_dir.name,
@@ -92,6 +227,7 @@ def run_status(run_dir: Path, query_slurm: bool = True) -> dict[str, Any]:
         "finished": any(e.get("event") == "finished" for e in events),
         "last": None,
         "jobs": [],
+        "evals": eval_results(run_dir),
     }
     if last is not None:
         status["last"] = {
@@ -101,28 +237,46 @@ def run_status(run_dir: Path, query_slurm: bool = True) -> dict[str, Any]:
             "images_per_s": last.get("perf/images_per_s"),
             "mfu": last.get("perf/mfu"),
         }
-    if query_slurm:
-        jobs = _jobs(run_dir)
-        ids = [str(j["job_id"]) for j in jobs]
+    jobs = _jobs(run_dir)
+    if not (query_slurm and jobs):
+        return status
+    slurm = slurm or SlurmProbe()
+    if slurm.error is not None:
+        status["slurm_error"] = slurm.error
+        return status
+    try:
+        queued = queue_states([str(j["job_id"]) for j in jobs])
+    except SlurmUnavailable as e:
+        queued, status["slurm_error"] = {}, str(e)
+    for j in jobs:
+        jid = str(j["job_id"])
+        row: dict[str, Any] = {"job_id": jid, "kind": j.get("kind"), "protocol": j.get("protocol")}
         try:
-            queued = queue_states(ids)
+            attempts = sacct_attempts(jid)
         except SlurmUnavailable as e:
-            queued, status["slurm_error"] = {}, str(e)
-        for j in jobs:
-            jid = str(j["job_id"])
-            row: dict[str, Any] = {"job_id": jid, "kind": j.get("kind"), "protocol": j.get("protocol")}
-            try:
-                attempts = sacct_attempts(jid)
-            except SlurmUnavailable as e:
-                attempts, status["slurm_error"] = [], str(e)
-            row["state"] = queued.get(jid) or (attempts[-1].state if attempts else "UNKNOWN")
-            row["restarts"] = max(0, len(attempts) - 1)
-            row["attempts"] = [a.state for a in attempts]
-            status["jobs"].append(row)
+            attempts, status["slurm_error"] = [], str(e)
+        row["state"] = queued.get(jid) or (attempts[-1].state if attempts else "UNKNOWN")
+        row["restarts"] = max(0, len(attempts) - 1)
+        row["attempts"] = [a.state for a in attempts]
+        row["exit_code"] = attempts[-1].exit_code if attempts else None
+        if jid not in queued and row["state"] in UNSUCCESSFUL_STATES:
+            row["error"] = last_error_line(_job_logs(run_dir, jid))
+        status["jobs"].append(row)
     return status
 
 
+def _why(j: dict[str, Any]) -> str:
+    """Why a job attempt did not succeed: exit code and the error line of its logs ('' if it did)."""
+    if j["state"] not in UNSUCCESSFUL_STATES:
+        return ""
+    parts = [f"exit code {j['exit_code']}"] if j.get("exit_code") else []
+    if j.get("error"):
+        parts.append(j["error"])
+    return ": ".join(parts)
+
+
 def format_status(s: dict[str, Any]) -> str:
+    """The human-readable lines of one run's status (``run_status``'s dict)."""
     steps = f"/{s['steps']}" if s["steps"] else ""
     lines = [f"run {s['run']}  ({s['run_dir']})"]
     pretrain = [j for j in s["jobs"] if j["kind"] == "pretrain"]
@@ -133,13 +287,16 @@ def format_status(s: dict[str, Any]) -> str:
             f"  job        {j['job_id']} {j['state']}, restarts {j['restarts']}"
             f" ({' -> '.join(j['attempts']) or 'no accounting yet'}){older}"
         )
+        if _why(j):
+            lines.append(f"  why        {j['state']}, {_why(j)}")
     elif "slurm_error" not in s:
         lines.append("  job        none recorded (not launched with launch/slurm.py, or --local)")
     if "slurm_error" in s:
         lines.append(f"  slurm      {s['slurm_error']}")
     for j in s["jobs"]:
         if j["kind"] == "eval":
-            lines.append(f"  eval       {j['job_id']} {j['protocol']}: {j['state']}")
+            why = f" ({_why(j)})" if _why(j) else ""
+            lines.append(f"  eval job   {j['job_id']} {j['protocol']}: {j['state']}{why}")
     state = "finished" if s["finished"] else f"{s['starts']} start(s), {s['stops']} stop(s) on request"
     lines.append(f"  training   {state}")
     ck = f"step {s['checkpoint']}{steps}  {s['checkpoint_dir']}" if s["checkpoint"] is not None else "none"
@@ -155,7 +312,27 @@ def format_status(s: dict[str, Any]) -> str:
         )
     else:
         lines.append("  last log   nothing logged yet")
+    lines += _eval_lines(s["evals"])
     return "\n".join(lines)
+
+
+def _eval_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Results of the newest evaluated step, one per line; older steps counted."""
+    if not results:
+        return ["  evals      none"]
+    newest = max((r["step"] for r in results if r["step"] is not None), default=None)
+    shown = [r for r in results if r["step"] == newest]
+    older = len({r["step"] for r in results}) - 1
+    lines = []
+    for i, r in enumerate(shown):
+        metrics = r["metrics"]
+        keys = [k for k in ("top1", "top5") if k in metrics] or list(metrics)[:3]
+        values = ", ".join(f"{k} {metrics[k]:.2f}" for k in keys) or "no scalar metrics"
+        head = "  evals      " if i == 0 else "             "
+        lines.append(f"{head}step {newest}: {r['name']}: {values}  ({r['file']})")
+    if older > 0:
+        lines.append(f"             (and results at {older} earlier step(s); --json lists all)")
+    return lines
 
 
 def _ago(seconds: float) -> str:
@@ -176,7 +353,8 @@ def resolve_run(spec: str, root: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python launch/status.py",
-        description="Job state, restarts, newest complete checkpoint and last logged loss/throughput of runs.",
+        description="Job state, restarts, why a job failed, newest complete checkpoint, last logged "
+        "loss/throughput and eval results of runs.",
         epilog="examples:\n  python launch/status.py mae_vit_l16_in1k\n  python launch/status.py --all\n"
         "  python launch/status.py runs/mae_tiny_fmnist --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -199,17 +377,22 @@ def main(argv: list[str] | None = None) -> int:
         print("error: name a run (RUN or --name), or --all", file=sys.stderr)
         return 2
     code = 0
-    for spec in specs:
-        run_dir = resolve_run(spec, root)
-        if not run_dir.is_dir():
-            print(
-                f"error: no run directory {run_dir} (run names are directories under --root {root})",
-                file=sys.stderr,
-            )
-            code = 2
-            continue
-        s = run_status(run_dir, query_slurm=not args.no_slurm)
-        print(json.dumps(s) if args.json else format_status(s), flush=True)
+    slurm = SlurmProbe()
+    try:
+        for spec in specs:
+            run_dir = resolve_run(spec, root)
+            if not run_dir.is_dir():
+                print(
+                    f"error: no run directory {run_dir} (run names are directories under --root {root})",
+                    file=sys.stderr,
+                )
+                code = 2
+                continue
+            s = run_status(run_dir, query_slurm=not args.no_slurm, slurm=slurm)
+            print(json.dumps(s) if args.json else format_status(s), flush=True)
+    except BrokenPipeError:  # `--all | head`: the reader has what it wants
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush fails too
     return code
 
 

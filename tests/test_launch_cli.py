@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -339,7 +341,7 @@ def test_conflicting_run_config_refused_before_submitting(tmp_path, no_slurm, no
         ]
     )
     err = capsys.readouterr().err
-    assert code == 2 and "exists with a different config" in err and "method.mask_ratio" in err
+    assert code == 2 and "started with a different config" in err and "method.mask_ratio" in err
 
 
 @pytest.mark.slurm
@@ -406,3 +408,348 @@ def test_gpu_binding_per_task(visible, local_rank, expected):
         gpu_for_rank(visible, local_rank, 4 if expected is not None and visible == "4,5,6,7" else 8)
         == expected
     )
+
+
+# ---------------------------------------------------------------- MASTER_PORT of a SLURM job
+@pytest.mark.parametrize("ephemeral", [(32768, 60999), (49152, 65535), (1024, 65000), (40000, 45000)])
+def test_master_port_is_outside_the_ephemeral_range_and_new_per_attempt(ephemeral):
+    from launch.jobs import master_port
+
+    ports = {(j, r): master_port(str(j), r, ephemeral) for j in range(1, 301) for r in range(3)}
+    low, high = ephemeral
+    assert all(not low <= p <= high and 20000 <= p <= 65535 for p in ports.values()), ephemeral
+    # A pure function of what every rank knows: the same job and attempt give the same port.
+    assert all(master_port(str(j), r, ephemeral) == p for (j, r), p in list(ports.items())[:20])
+    # Jobs spread over the allowed ports (as a uniform draw would); a requeued attempt does not reuse
+    # its predecessor's port.
+    allowed = max(0, low - 20000) + (65535 - max(high, 19999))
+    uniform = allowed * (1 - (1 - 1 / allowed) ** 300)  # expected distinct ports of 300 uniform draws
+    assert len({p for (j, r), p in ports.items() if r == 0}) >= 0.9 * uniform
+    assert sum(ports[(j, 0)] != ports[(j, 1)] for j in range(1, 301)) >= 295
+
+
+def test_master_port_range_read_from_proc_with_fallback(tmp_path):
+    import random
+
+    from launch.jobs import MASTER_PORT_FALLBACK, ephemeral_port_range, master_port
+
+    f = tmp_path / "ip_local_port_range"
+    f.write_text("32768\t60999\n")
+    assert ephemeral_port_range(f) == (32768, 60999)
+    for bad in ("", "60999 32768", "a b"):
+        f.write_text(bad)
+        assert ephemeral_port_range(f) is None
+    assert ephemeral_port_range(tmp_path / "missing") is None
+    low, high = MASTER_PORT_FALLBACK
+    assert all(low <= master_port(str(j), 0, (1024, 65535)) <= high for j in range(100))  # no room
+    if (system := ephemeral_port_range()) is not None:  # this machine's own range
+        assert not system[0] <= master_port("12345", 0) <= system[1]
+    # Why: submitit's own choice, Random(job id).randint(20000, 60000), falls into Linux's default
+    # ephemeral range for most job ids, where an outgoing connection may already hold the port.
+    inside = sum(32768 <= random.Random(str(j)).randint(20000, 60000) <= 60999 for j in range(1, 301))
+    assert inside > 200
+
+
+# ---------------------------------------------------------------- config typos: exit 2 on every path
+CONFIG_TYPOS = [
+    ("model.name=vit_gigantic", "model.name"),
+    ("data.backend=foo", "data.backend"),
+    ("model.num_heads=5", "model.num_heads"),
+    ("data.worker_priority=low", "data.worker_priority"),
+]
+LAUNCH_PATHS = {
+    "dry-run": ["--cluster", "local", "--nodes", "2", "--dry-run"],
+    "submit": ["--cluster", "local", "--nodes", "2"],
+    "local": ["--local", "--nproc", "2"],
+    "eval": ["--cluster", "local", "--nodes", "2", "--eval", "knn"],
+}
+
+
+@pytest.mark.parametrize("path", list(LAUNCH_PATHS))
+@pytest.mark.parametrize(("typo", "key"), CONFIG_TYPOS)
+def test_config_typo_exit_2_on_every_launch_path(typo, key, path, tmp_path, no_submit, monkeypatch, capsys):
+    import launch.local
+
+    def no_local_run(*args, **kwargs):
+        raise AssertionError("started a local run although the config was bad")
+
+    monkeypatch.setattr(launch.local, "run_local", no_local_run)
+    code = cli.main(
+        ["--config", str(TINY_MAE), *LAUNCH_PATHS[path], "--name", "typo", f"run.root={tmp_path}", typo]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and key in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- --eval on a finished run
+def _finished_run(root: Path, name: str, step: int) -> Path:
+    run = root / name
+    export = run / "exports" / f"step_{step:08d}"
+    export.mkdir(parents=True)
+    (export / "COMPLETE").write_text("{}")
+    (run / "exports" / f"step_{step + 5:08d}").mkdir()  # a cut-short export (no COMPLETE): not counted
+    return run
+
+
+def test_finished_run_is_the_newest_complete_export_at_train_steps(tmp_path):
+    from launch.plan import complete_steps, finished_step
+
+    run = _finished_run(tmp_path, "r", 40)
+    (run / "exports" / "step_00000020").mkdir()
+    (run / "exports" / "step_00000020" / "COMPLETE").write_text("{}")
+    assert complete_steps(run / "exports") == [20, 40]
+    assert finished_step(run, 40) == 40 and finished_step(run, 30) == 40
+    assert finished_step(run, 41) is None and finished_step(tmp_path / "none", 1) is None
+
+
+def test_eval_on_a_finished_run_plans_only_the_eval_jobs(tmp_path, no_slurm, no_submit, capsys):
+    _finished_run(tmp_path, "fin", 40)
+    base = ["--cluster", "local", "--config", str(TINY_MAE), "--nodes", "2", "--name", "fin"]
+    code = cli.main([*base, f"run.root={tmp_path}", "train.steps=40", "--eval", "knn,linear", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "is finished (export step 40 >= train.steps=40): no training job; eval jobs only" in out
+    assert f"knn, linear on {tmp_path}/fin/exports/step_00000040" in out
+    assert "#SBATCH --nodes=2" not in out and "GPU-hours" not in out
+    # More steps than the export: training first, the evals after it.
+    code = cli.main([*base, f"run.root={tmp_path}", "train.steps=50", "--eval", "knn", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and "#SBATCH --nodes=2" in out and "knn (after pretraining succeeds)" in out
+    assert "eval jobs only" not in out
+
+
+def test_eval_job_without_a_training_job_has_no_dependency():
+    p = eval_slurm_parameters(ClusterProfile(partition="gpu", gpus_per_node=8), "run-eval-knn", None)
+    assert "dependency" not in p and "kill-on-invalid-dep" not in p["additional_parameters"]
+    assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"]) == (1, 1, 1)
+
+
+# ---------------------------------------------------------------- status: eval results, why a job failed
+def test_status_shows_eval_results_of_the_newest_step(tmp_path, capsys):
+    from launch import status
+
+    run = tmp_path / "r"
+    for step, top1 in ((20, 50.0), (40, 66.5)):
+        d = run / "evals" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        payload = {"name": "knn", "protocol": "knn", "checkpoint": {"step": step}}
+        (d / "knn.json").write_text(json.dumps({**payload, "metrics": {"top1": top1, "top5": 98.0}}))
+    (run / "evals" / "step_00000040" / "linear.json").write_text(
+        json.dumps({"name": "linear", "protocol": "linear", "metrics": {"top1": 77.25, "final_loss": 0.5}})
+    )
+    (run / "evals" / "step_00000040" / "broken.json").write_text('{"metr')  # half-written: skipped
+    assert status.main([str(run), "--no-slurm"]) == 0
+    out = capsys.readouterr().out
+    assert "  evals      step 40: knn: top1 66.50, top5 98.00" in out, out
+    assert "step 40: linear: top1 77.25" in out and "results at 1 earlier step(s)" in out
+    assert "66.50" in out and "50.00" not in out
+    assert status.main([str(run), "--no-slurm", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["evals"]
+    assert [(r["step"], r["name"], r["metrics"]["top1"]) for r in listed] == [
+        (20, "knn", 50.0),
+        (40, "knn", 66.5),
+        (40, "linear", 77.25),
+    ]
+
+
+SUBMITIT_ERR_LOG = """\
+launch: job 12 attempt 1 rank 0 started
+Traceback (most recent call last):
+RuntimeError: an error of the first attempt
+launch: job 12 attempt 2 rank 0 started
+submitit WARNING (2026-01-01 10:00:00,000) - Bypassing signal SIGCONT
+10:00:05 [rank0] ERROR pretrain.train: an earlier logged error
+submitit ERROR (2026-01-01 10:00:09,000) - Submitted job triggered an exception
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+    raise JobFailed(f"{type(e).__name__}: {e}") from None
+launch.jobs.JobFailed: ConfigError: data.shards=/nope: no shards found
+srun: error: node1: task 0: Exited with exit code 1
+"""
+SRUN_ERR_LOG = """\
+launch: job 12 attempt 1 rank 0 started
+srun: error: node2: task 1: Exited with exit code 3
+launch: job 12 attempt 2 rank 0 started
+srun: error: node2: task 1: Killed
+srun: launch/slurm: _step_signal: Terminating StepId=12.0
+slurmstepd-node1: error: *** STEP 12.0 ON node1 CANCELLED AT 2026-01-01T10:00:10 ***
+srun: error: node1: task 0: Killed
+srun: Force Terminated StepId=12.0
+"""
+
+
+def test_last_error_line_of_a_jobs_last_attempt(tmp_path):
+    from launch.status import last_error_line
+
+    err0, out0, err1 = tmp_path / "12_0_log.err", tmp_path / "12_0_log.out", tmp_path / "12_1_log.err"
+    err0.write_text(SUBMITIT_ERR_LOG)
+    out0.write_text("10:00:01 [rank0] INFO launch: job 12 attempt 2: rank 0/2 on node1\n")
+    err1.write_text("slurmstepd: error: *** STEP 12.0 ON node2 CANCELLED AT 2026-01-01T10:00:10 ***\n")
+    assert (
+        last_error_line([err0, out0, err1])
+        == "launch.jobs.JobFailed: ConfigError: data.shards=/nope: no shards found"
+    )
+    err0.write_text("\n".join(SUBMITIT_ERR_LOG.splitlines()[:6]))  # no traceback: the logged ERROR
+    assert (
+        last_error_line([err0, out0, err1])
+        == "10:00:05 [rank0] ERROR pretrain.train: an earlier logged error"
+    )
+    err0.write_text(SRUN_ERR_LOG)  # the task that failed first, in this attempt
+    assert last_error_line([err0, out0, err1]) == "srun: error: node2: task 1: Killed"
+    err0.write_text("")  # only SLURM's own line, in another rank's log
+    assert last_error_line([err0, out0, err1]).startswith(
+        "slurmstepd: error: *** STEP 12.0 ON node2 CANCELLED"
+    )
+    assert last_error_line([out0, tmp_path / "missing.err"]) is None
+
+
+def test_status_says_why_a_job_failed(tmp_path):
+    from launch.status import format_status
+
+    s = {
+        "run": "r",
+        "run_dir": str(tmp_path),
+        "steps": 40,
+        "checkpoint": None,
+        "export": None,
+        "starts": 1,
+        "stops": 0,
+        "finished": False,
+        "last": None,
+        "evals": [],
+        "jobs": [
+            {
+                "job_id": "12",
+                "kind": "pretrain",
+                "state": "FAILED",
+                "restarts": 0,
+                "attempts": ["FAILED"],
+                "exit_code": "1:0",
+                "error": "launch.jobs.JobFailed: ConfigError: bad",
+            },
+            {
+                "job_id": "13",
+                "kind": "eval",
+                "protocol": "knn",
+                "state": "CANCELLED",
+                "restarts": 0,
+                "attempts": ["CANCELLED"],
+                "exit_code": "0:0",
+                "error": None,
+            },
+        ],
+    }
+    out = format_status(s)
+    assert "  job        12 FAILED, restarts 0 (FAILED)" in out
+    assert "  why        FAILED, exit code 1:0: launch.jobs.JobFailed: ConfigError: bad" in out
+    assert "  eval job   13 knn: CANCELLED (exit code 0:0)" in out
+
+
+@pytest.mark.parametrize("script", ["status", "slurm"])
+def test_a_reader_that_stops_early_ends_the_tools_quietly(script, tmp_path):
+    """`launch/status.py --all | head` (and a dry run into head): no BrokenPipeError, exit 0."""
+    for i in range(3):
+        (tmp_path / f"run{i}").mkdir()
+        (tmp_path / f"run{i}" / "config.yaml").write_text("train:\n  steps: 20\n")
+    argv = {
+        "status": ["launch/status.py", "--all", "--root", str(tmp_path), "--no-slurm"],
+        "slurm": [
+            "launch/slurm.py",
+            "--config",
+            str(TINY_MAE),
+            f"run.root={tmp_path}",
+            "--local",
+            "--dry-run",
+        ],
+    }[script]
+    proc = subprocess.Popen(
+        [sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    proc.stdout.close()  # the reader is gone before the first line is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# ---------------------------------------------------------------- no SLURM controller answers
+@pytest.fixture
+def dead_controller(slurm_cluster, tmp_path_factory, monkeypatch):
+    """SLURM_CONF naming the test cluster's config with ports nobody answers on (the cluster keeps running).
+
+    ``silent``: the controller's port accepts connections and never replies (a hung or firewalled
+    controller: SLURM's clients wait MessageTimeout); ``refused``: nothing listens (a stopped controller:
+    they retry ~9 s). slurmdbd's port is refused in both (sacct).
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        refused = s.getsockname()[1]
+    text = slurm_cluster.conf.read_text()
+    confs = {}
+    for kind, port in (("silent", listener.getsockname()[1]), ("refused", refused)):
+        conf = tmp_path_factory.mktemp(f"dead-{kind}") / "slurm.conf"
+        t = re.sub(r"^SlurmctldPort=\d+", f"SlurmctldPort={port}", text, flags=re.MULTILINE)
+        conf.write_text(
+            re.sub(r"^AccountingStoragePort=\d+", f"AccountingStoragePort={refused}", t, flags=re.M)
+        )
+        confs[kind] = conf
+
+    def use(kind: str) -> Path:
+        monkeypatch.setenv("SLURM_CONF", str(confs[kind]))
+        return confs[kind]
+
+    yield use
+    listener.close()
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("kind", ["silent", "refused"])
+def test_no_controller_submit_says_so_and_what_to_do_instead(
+    kind, dead_controller, tmp_path, no_submit, capsys
+):
+    conf = dead_controller(kind)
+    t0 = time.monotonic()
+    code = cli.main(["--config", str(TINY_MAE), "--cluster", "local", "--nodes", "2", f"run.root={tmp_path}"])
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("error: no SLURM cluster answered: 'scontrol ping'") and str(conf) in err, err
+    for hint in ("--dry-run", "--local --nproc N", "--cluster local", "sudo launch/local_cluster.sh start"):
+        assert hint in err, err
+    assert "sinfo" not in err and "slurm_load" not in err, err  # no raw errors of the later queries
+    assert elapsed < 3 + 4, elapsed  # one bounded ping; sinfo alone waited 9-10 s
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slurm
+def test_no_controller_dry_run_and_status_ask_once_briefly(dead_controller, tmp_path, no_submit, capsys):
+    from launch import status
+
+    dead_controller("silent")
+    t0 = time.monotonic()
+    code = cli.main(["--method", "mae", "--nodes", "8", f"run.root={tmp_path}", "--dry-run"])
+    elapsed = time.monotonic() - t0
+    out = capsys.readouterr().out
+    assert code == 0 and "dry run: nothing submitted" in out
+    assert (
+        "(partition not checked: no SLURM cluster answered: 'scontrol ping' got no answer within 3 s" in out
+    )
+    assert elapsed < 3 + 5, elapsed  # before: sinfo waited for the controller (MessageTimeout, 10 s)
+
+    run = tmp_path / "r"
+    (run / "slurm").mkdir(parents=True)
+    (run / "slurm" / "jobs.jsonl").write_text(
+        "".join(json.dumps({"job_id": str(j), "kind": "pretrain"}) + "\n" for j in (7, 8))
+    )
+    t0 = time.monotonic()
+    assert status.main([str(run), str(run)]) == 0
+    elapsed = time.monotonic() - t0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("  slurm ")]
+    assert len(lines) == 2 and "no SLURM cluster answered" in lines[0] and "job states not shown" in lines[0]
+    assert "squeue" not in out and "sacct" not in out and "slurm_load" not in out, out
+    assert elapsed < 3 + 2, elapsed  # one ping for both runs, no squeue (10 s) or sacct after it

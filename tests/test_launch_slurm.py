@@ -2,8 +2,9 @@
 
 Every run here trains the same thing (40 steps, real Fashion-MNIST shards, run.deterministic=true)
 as the `--local --nproc 2` reference, so each interrupted SLURM run must end with the reference's
-weights bit for bit: submitted 2-node run, USR2 preemption + requeue, `scontrol requeue`, a rank
-killed with SIGKILL. The time-limit test runs until SLURM's limit ends it. Every wait is bounded.
+weights bit for bit: submitted 2-node run, USR2 preemption + requeue, plain `scancel` (save and stop,
+then the same command resumes), `scontrol requeue`, a rank killed with SIGKILL. The time-limit test
+runs until SLURM's limit ends it. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch import slurm as cli
+from launch.jobs import ephemeral_port_range, master_port
 from tests.conftest import TINY_MAE
 
 pytestmark = pytest.mark.multiproc
@@ -291,6 +293,11 @@ def test_two_node_run_completes_submits_evals_and_resumes(
         assert [(e["step"], e["world_size"]) for e in events(run_dir, "start")] == [(0, 2)]
         assert (run_dir / "slurm" / f"{jid}_1_log.out").exists()  # rank 1 ran as its own task
         assert_bitwise_equal(run_dir, reference)  # a SLURM job trains what the local processes train
+        # The rendezvous port: the launcher's choice, outside this machine's ephemeral port range.
+        m = re.search(r"\(master (\S+):(\d+)\)", (run_dir / "slurm" / f"{jid}_0_log.out").read_text())
+        assert m and int(m.group(2)) == master_port(jid, 0), m
+        if (ephemeral := ephemeral_port_range()) is not None:
+            assert not ephemeral[0] <= int(m.group(2)) <= ephemeral[1]
 
         capsys.readouterr()
         assert status.main([str(run_dir)]) == 0
@@ -311,8 +318,45 @@ def test_two_node_run_completes_submits_evals_and_resumes(
             assert eval_start >= pretrain_end, (eval_start, pretrain_end)
             slurm_cluster.run(["scancel", eid], check=False)
 
-    # Its checkpoints resume: the same name with more steps continues at step 40.
-    jid2 = submit(tmp_path, "plain", fmnist_shards, "train.steps=45")
+    # --eval on the finished run: only the eval job, on the final export, no dependency.
+    code, out, err = launch(
+        "--cluster",
+        "local",
+        "--config",
+        str(TINY_MAE),
+        "--nodes",
+        "2",
+        "--name",
+        "plain",
+        f"run.root={tmp_path}",
+        *common(fmnist_shards),
+        "--eval",
+        "knn",
+        "--eval-args",
+        f"--train-data {fmnist_shards} --test-data {fmnist_shards}",
+    )
+    assert code == 0, out + err
+    assert (
+        f"run 'plain' is finished (export step {STEPS} >= train.steps={STEPS}): submitting its evals only"
+        in out
+    )
+    jobs = [json.loads(line) for line in (run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()]
+    assert [j["job_id"] for j in jobs if j["kind"] == "pretrain"] == [jid]  # no second training job
+    knn = jobs[-1]
+    assert knn["kind"] == "eval" and knn["after"] is None and f"job {knn['job_id']} (knn) submitted" in out
+    assert knn["command"][3:5] == ["--checkpoint", f"{run_dir}/exports/step_{STEPS:08d}"]
+    with cancel_on_exit(slurm_cluster, knn["job_id"]):
+        assert slurm_cluster.job_info(knn["job_id"]).get("Dependency", "(null)") == "(null)"
+        slurm_cluster.wait_state(knn["job_id"], "COMPLETED", timeout=180)
+    capsys.readouterr()
+    assert status.main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"  evals      step {STEPS}: knn\S*: top1 \d+\.\d\d", out), out
+    assert f"  eval job   {knn['job_id']} knn: COMPLETED" in out, out
+
+    # Its checkpoints resume: the same name with more steps (a schedule change, allowed explicitly)
+    # continues at step 40.
+    jid2 = submit(tmp_path, "plain", fmnist_shards, "train.steps=45", "resume.allow_config_change=true")
     with cancel_on_exit(slurm_cluster, jid2):
         slurm_cluster.wait_state(jid2, "COMPLETED", timeout=180)
     starts = events(run_dir, "start")
@@ -363,29 +407,95 @@ def test_usr2_preemption_saves_on_all_ranks_requeues_once_and_resumes_bitwise(
     assert_bitwise_equal(run_dir, reference)
 
 
+def wait_gone_from_queue(cluster, job_id: str, timeout: float = 60) -> None:
+    """Until squeue no longer lists the job (COMPLETING counts: the launcher refuses a second job then)."""
+
+    def gone() -> bool:
+        out = cluster.run(["squeue", "-h", "-j", job_id, "-o", "%i %T"], check=False).stdout
+        return not any(line.split()[:1] == [job_id] for line in out.splitlines())
+
+    cluster.wait_for(gone, timeout=timeout, what=f"job {job_id} to leave the queue")
+
+
+def step_exit_codes(cluster, job_id: str) -> dict[str, str]:
+    """ExitCode of each step of the job's last attempt (e.g. {'12.0': '3:0'})."""
+    out = cluster.run(["sacct", "-n", "-P", "-j", job_id, "-o", "JobID,ExitCode"]).stdout
+    return dict(line.split("|", 1) for line in out.splitlines() if re.fullmatch(rf"{job_id}\.\d+\|.*", line))
+
+
 @pytest.mark.slurm
-def test_scontrol_requeue_then_sigkilled_rank_resume_from_periodic_checkpoints(
+def test_scancel_saves_on_all_ranks_stops_without_requeue_and_the_same_command_resumes_bitwise(
     slurm_cluster, tmp_path, fmnist_shards, reference
 ):
-    """One job, three attempts: `scontrol requeue` (no signal), then one rank SIGKILLed, then completion."""
+    """Plain `scancel` (SIGTERM to every process, SIGKILL KillWait=5 s later): save and stop."""
+    run_dir = tmp_path / "cancelled"
+    jid = submit(tmp_path, "cancelled", fmnist_shards)
+    with cancel_on_exit(slurm_cluster, jid):
+        wait_step(slurm_cluster, jid, run_dir, 12)
+        slurm_cluster.run(["scancel", jid])
+        stopped = slurm_cluster.wait_for(
+            lambda: events(run_dir, "stopped"), timeout=30, what="the stop at a step"
+        )
+        step = stopped[0]["step"]
+        assert stopped[0]["reason"] == "SIGTERM" and 12 <= step < STEPS, stopped
+        ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+        assert (ckpt / "COMPLETE").exists(), logs(run_dir, jid)
+        assert (ckpt / "__0_0.distcp").exists() and (ckpt / "__1_0.distcp").exists()
+        slurm_cluster.wait_state(jid, "CANCELLED", timeout=60)
+        wait_gone_from_queue(slurm_cluster, jid)
+    slurm_cluster.wait_for(lambda: not job_processes(jid), timeout=15, what="no process of the job left")
+    assert attempts(slurm_cluster, jid) == ["CANCELLED"]  # not requeued
+    assert slurm_cluster.job_info(jid).get("Restarts") == "0"
+    assert set(step_exit_codes(slurm_cluster, jid).values()) == {"3:0"}  # the ranks exited 3, not killed
+    assert complete_steps(run_dir)[-1] == step and len(events(run_dir, "stopped")) == 1
+    text = {f.name: f.read_text(errors="replace") for f in (run_dir / "slurm").glob(f"{jid}_*_log.*")}
+    for r in (0, 1):
+        assert f"stop requested (SIGTERM): checkpoint saved at step {step}" in text[f"{jid}_{r}_log.out"]
+    assert (
+        "stopped by SIGTERM" in text[f"{jid}_0_log.out"]
+        and "does not requeue itself" in text[f"{jid}_0_log.out"]
+    )
+    for name, t in text.items():
+        assert "Traceback" not in t and "is killed by signal" not in t, f"{name}:\n{t[-3000:]}"
+
+    # The same launch command continues the run from the saved step, to the uninterrupted result.
+    jid2 = submit(tmp_path, "cancelled", fmnist_shards)
+    with cancel_on_exit(slurm_cluster, jid2):
+        slurm_cluster.wait_state(jid2, "COMPLETED", timeout=240)
+    assert [(e["step"], e["resumed"]) for e in events(run_dir, "start")] == [(0, False), (step, True)]
+    assert_bitwise_equal(run_dir, reference)
+
+
+@pytest.mark.slurm
+def test_scontrol_requeue_saves_then_sigkilled_rank_resumes_from_periodic_checkpoint(
+    slurm_cluster, tmp_path, fmnist_shards, reference, capsys
+):
+    """One job, three attempts: `scontrol requeue` (SIGTERM), then one rank SIGKILLed, then completion."""
+    from launch import status
+
     timeout_s = 30  # collective timeout of this job (resume-safe key; the maths do not depend on it)
     run_dir = tmp_path / "requeued"
     jid = submit(tmp_path, "requeued", fmnist_shards, f"engine.timeout_s={timeout_s}")
     with cancel_on_exit(slurm_cluster, jid):
-        # 1. scontrol requeue: no signal reaches the trainer, the attempt is killed, nothing is saved on
-        #    the way out; the next attempt resumes from the last periodic checkpoint, same run dir.
+        # 1. scontrol requeue: SLURM sends SIGTERM (SIGKILL KillWait later), as for scancel: the ranks
+        #    save the next step and exit; SLURM restarts the job (same id), which resumes there.
         wait_step(slurm_cluster, jid, run_dir, 8)
         slurm_cluster.run(["scontrol", "requeue", jid])
+        stopped = slurm_cluster.wait_for(
+            lambda: events(run_dir, "stopped"), timeout=30, what="the stop at a step"
+        )
+        saved = stopped[0]["step"]
+        assert stopped[0]["reason"] == "SIGTERM" and saved >= 8, stopped
         slurm_cluster.wait_for(
             lambda: slurm_cluster.job_info(jid).get("JobState") != "RUNNING",
             timeout=30,
             what="the attempt to end",
         )
-        periodic = complete_steps(run_dir)[-1]
-        assert periodic % 5 == 0 and periodic >= 5
+        assert complete_steps(run_dir)[-1] == saved
         # 2. One rank SIGKILLed in the next attempt: the job ends within the collective timeout + a
-        #    margin (srun --kill-on-bad-exit ends it at once), and no process of it is left.
-        wait_step(slurm_cluster, jid, run_dir, periodic + 12)
+        #    margin (srun --kill-on-bad-exit ends it at once), and no process of it is left. Nothing
+        #    is saved on the way out: the next attempt resumes from the last periodic checkpoint.
+        wait_step(slurm_cluster, jid, run_dir, saved + 12)
         ranks = [p for p in job_processes(jid) if p["procid"] == "1" and p["parent"] == "slurmstepd"]
         assert len(ranks) == 1, job_processes(jid)
         t0 = time.monotonic()
@@ -398,15 +508,20 @@ def test_scontrol_requeue_then_sigkilled_rank_resume_from_periodic_checkpoints(
         ended = time.monotonic() - t0
         assert state == "FAILED" and ended < timeout_s + 15, (state, ended)
         slurm_cluster.wait_for(lambda: not job_processes(jid), timeout=15, what="no process of the job left")
-        before = complete_steps(run_dir)[-1]
-        assert before > periodic
+        periodic = complete_steps(run_dir)[-1]
+        assert periodic > saved and periodic % 5 == 0
+        # status says why the job failed: sacct's state and exit code, and the error line of its logs.
+        capsys.readouterr()
+        assert status.main([str(run_dir)]) == 0
+        out = capsys.readouterr().out
+        assert re.search(r"^  why        FAILED, exit code \d+:\d+: .*(error|Error|Killed)", out, re.M), out
         # 3. The next attempt of the same job (same id, same run directory) resumes and finishes.
         slurm_cluster.run(["scontrol", "requeue", jid])
         slurm_cluster.wait_state(jid, "COMPLETED", timeout=240)
     assert attempts(slurm_cluster, jid) == ["REQUEUED", "REQUEUED", "COMPLETED"]
     starts = [(e["step"], e["resumed"]) for e in events(run_dir, "start")]
-    assert starts == [(0, False), (periodic, True), (before, True)], starts
-    assert events(run_dir, "stopped") == []
+    assert starts == [(0, False), (saved, True), (periodic, True)], starts
+    assert len(events(run_dir, "stopped")) == 1
     logs_out = sorted(p.name for p in (run_dir / "slurm").glob(f"{jid}_*_log.out"))
     assert logs_out == [f"{jid}_0_log.out", f"{jid}_1_log.out"]  # every attempt appends to the same logs
     assert_bitwise_equal(run_dir, reference)
