@@ -130,14 +130,12 @@ class ShardInfo:
         index_path: its DALI index file (may not exist: then the tar is scanned).
         num_samples: sample count from the manifest, or ``None`` until the index is loaded.
         num_bytes: file size the manifest records (``None`` without one).
-        sha256: SHA-256 the manifest records (``None`` without one).
     """
 
     path: Path
     index_path: Path
     num_samples: int | None = None
     num_bytes: int | None = None
-    sha256: str | None = None
 
     @property
     def name(self) -> str:
@@ -237,7 +235,6 @@ def resolve_shards(spec: str | os.PathLike[str]) -> ShardSet:
                     idx,
                     int(entry["num_samples"]),
                     int(num_bytes) if isinstance(num_bytes, int) else None,
-                    entry.get("sha256") if isinstance(entry.get("sha256"), str) else None,
                 )
             )
         if not shards:
@@ -538,9 +535,8 @@ class SlotStream:
     Epoch ``e`` takes the slot's non-empty shards in a permutation seeded by ``(seed, slot, e)``
     and cuts it into groups of ``mix_shards`` consecutive shards (the last group may be smaller);
     the groups are read one after the other, and the samples of a group in one permutation of
-    the union of its shards' samples, seeded by ``(seed, slot, e, group)``. Only the permutation
-    of the current group (a few recent ones, for look-ups across a boundary) is kept: at most
-    ``mix_shards x`` shard size integers.
+    the union of its shards' samples, seeded by ``(seed, slot, e, group)``. Only the permutations
+    of the current group and the one before are kept (``mix_shards x`` shard size integers each).
 
     Args:
         reader: reader over *all* shards.
