@@ -1,15 +1,20 @@
-"""A Markdown table of every run's evaluation results beside the papers' numbers.
+"""A Markdown table of every run's evaluation results, compared only where they are comparable.
 
     python -m evals.report runs/*
     python -m evals.report runs/mae_tiny_fmnist --paper configs/paper_results.yaml --json rows.json
 
 One row per result file (``runs/<name>/evals/step_N/<result>.json``): the run, its pretraining
 (method, architecture, steps of the export / steps of the run, epochs over its training data), the
-encoder (pretrained or random init), the protocol with its recipe (k, T; head, optimizer, epochs;
-labels fraction), the evaluation data (train -> test, sample counts) and the headline metric, then
-the published number of the same method and protocol from ``configs/paper_results.yaml`` (same
-architecture when listed, else the method's first one, named in the cell) with its source.
-A published number is a *reference*, comparable only when architecture, data and budget match.
+encoder (pretrained or random init), the protocol with its recipe (one line, and the recipe id of
+:mod:`evals.results`: a hash of the resolved settings and the evaluation data's content), the
+evaluation data (train -> test, sample counts) and the headline metric.
+
+Rows are compared only at the same recipe: rows of one recipe are printed together, and the
+``vs random init`` cell of a pretrained row is its difference to the random-initialised encoder
+evaluated at the *same* export, recipe and data (``--baseline random``); a baseline at another recipe
+is never used. The ``paper`` cell shows a published number from ``configs/paper_results.yaml`` only
+where method, architecture (name and size), evaluation data (the data set's class and sample counts)
+and protocol (all labels) match; otherwise ``-``.
 """
 
 from __future__ import annotations
@@ -23,20 +28,24 @@ from typing import Any
 import yaml
 
 from evals.config import REPO_ROOT
-from evals.results import load_results
+from evals.results import headline, load_results, recipe_of, recipe_summary
+from pretrain.models import vit_architecture
 
 PAPER_RESULTS = REPO_ROOT / "configs" / "paper_results.yaml"
 PROTOCOLS = ("knn", "linear", "finetune", "zeroshot", "retrieval")
+SIZE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
 
 
 def load_paper_results(path: Path = PAPER_RESULTS) -> list[dict[str, Any]]:
-    """Flatten ``paper_results.yaml``: one dict per published number (method, arch, dataset, protocol, ...)."""
+    """Flatten ``paper_results.yaml``: one dict per published number (method, arch, dataset, protocol,
+    eval, metric, value, ...; ``dataset_spec``: the data set's counts from its ``datasets`` section)."""
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return []
+    datasets = tree.get("datasets") or {}
     out = []
-    for method, archs in tree.items():
+    for method, archs in (tree.get("results") or {}).items():
         for arch, entries in (archs or {}).items():
             for key, entry in (entries or {}).items():
                 parts = key.split("_")
@@ -44,14 +53,17 @@ def load_paper_results(path: Path = PAPER_RESULTS) -> list[dict[str, Any]]:
                 if protocol is None or not isinstance(entry, dict):
                     continue
                 i = parts.index(protocol)
+                dataset = "_".join(parts[:i])
                 out.append(
                     {
                         "method": method,
                         "arch": arch,
                         "key": key,
-                        "dataset": "_".join(parts[:i]),
+                        "dataset": dataset,
                         "protocol": protocol,
+                        "eval": entry.get("eval", protocol),
                         "metric": parts[i + 1] if len(parts) > i + 1 else "top1",
+                        "dataset_spec": datasets.get(dataset),
                         **entry,
                     }
                 )
@@ -80,34 +92,6 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _recipe(result: dict[str, Any]) -> str:
-    impl = result.get("implementation")
-    s = (result.get("settings") or {}).get(impl) or {}
-    details = result.get("details") or {}
-    actual = details.get("actual") or {}
-    if impl == "knn":
-        text = f"k={details.get('report_k', s.get('report_k'))}, T={s.get('temperature')}"
-    elif impl == "linear":
-        feats = f"last {s.get('n_last_blocks')} CLS" if s.get("n_last_blocks", 1) > 1 else "CLS"
-        if s.get("avgpool"):
-            feats += "+avgpool"
-        text = f"{s.get('recipe')}: {s.get('head')}/{s.get('optimizer')} on {feats}, blr {s.get('blr')}, {s.get('epochs')} ep"
-        if actual.get("batch_size"):
-            text += f", batch {actual['batch_size']}"
-    elif impl == "finetune":
-        ep = actual.get("epochs_completed")
-        done = f"{ep:.3g}" if isinstance(ep, int | float) else "?"
-        text = f"mae: {done}/{s.get('epochs')} ep, layer decay {s.get('layer_decay')}, mixup {s.get('mixup')}/cutmix {s.get('cutmix')}"
-    elif impl == "zeroshot":
-        text = f"{details.get('num_templates')} templates"
-    else:
-        text = impl or "?"
-    subset = result.get("labels_subset")
-    if subset:
-        text += f"; {100 * subset['fraction']:g}% labels ({subset['num_samples']}, seed {subset['seed']})"
-    return text
-
-
 def _data_cell(result: dict[str, Any]) -> str:
     def one(d: dict[str, Any] | None) -> str:
         if not d:
@@ -133,14 +117,56 @@ def _metric_cell(metrics: dict[str, Any]) -> tuple[str, float | None]:
     return ", ".join(f"{k} {v}" for k, v in metrics.items()), None
 
 
-def _paper_cell(papers: list[dict[str, Any]], method: str, arch: str | None, protocol: str | None) -> str:
-    matches = [
-        p for p in papers if p["method"] == method and p["protocol"] == protocol and p["metric"] == "top1"
-    ]
+def _registered_size(arch: str | None) -> dict[str, Any] | None:
+    try:
+        return vit_architecture(str(arch))
+    except ValueError:
+        return None
+
+
+def _data_matches(spec: dict[str, Any] | None, data: dict[str, Any]) -> bool:
+    """The result's evaluation data has the data set's class and sample counts."""
+    if not spec:
+        return False
+    wanted = {"test": spec.get("test_samples"), "train": spec.get("train_samples")}
+    for split, num_samples in wanted.items():
+        d = data.get(split)
+        if d is None and split == "train":  # zero-shot and retrieval read no training split
+            continue
+        if not d or d.get("num_samples") != num_samples or d.get("num_classes") != spec.get("num_classes"):
+            return False
+    return True
+
+
+def paper_matches(papers: list[dict[str, Any]], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The published top-1 numbers comparable with ``result`` (see the module docstring), best match first."""
+    ckpt = result.get("checkpoint") or {}
+    if ckpt.get("encoder") == "random_init":
+        return []
+    arch = ckpt.get("arch")
+    size = _registered_size(arch)
+    shape = ckpt.get("architecture") or {}
+    if size is None or any(shape.get(k) != size.get(k) for k in SIZE_KEYS):
+        return []
+    fraction = (result.get("labels_subset") or {}).get("fraction")
+    out = []
+    for p in papers:
+        if (
+            p["method"] == ckpt.get("method")
+            and p["arch"] == arch
+            and p["metric"] == "top1"
+            and p["eval"] == result.get("protocol")
+            and p.get("labels_fraction") == fraction
+            and _data_matches(p.get("dataset_spec"), result.get("data") or {})
+        ):
+            out.append(p)
+    return out
+
+
+def _paper_cell(matches: list[dict[str, Any]]) -> str:
     if not matches:
         return "-"
-    same = [p for p in matches if p["arch"] == arch]
-    p = (same or matches)[0]
+    p = matches[0]
     where = [p["arch"], p["dataset"]]
     if p.get("epochs"):
         where.append(f"{p['epochs']} ep")
@@ -149,8 +175,16 @@ def _paper_cell(papers: list[dict[str, Any]], method: str, arch: str | None, pro
     return f"{p['value']} ({', '.join(where)}; {p.get('source', '?')})"
 
 
+def _vs_random(value: float | None, baselines: list[float]) -> str:
+    if value is None or not baselines:
+        return "-"
+    mean = sum(baselines) / len(baselines)
+    seeds = f"mean of {len(baselines)} seeds " if len(baselines) > 1 else ""
+    return f"{value - mean:+.2f} (vs {seeds}{mean:.2f})"
+
+
 def collect_rows(run_dirs: list[Path], papers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per result file of the given runs."""
+    """One row per result file of the given runs, rows of one recipe together (see the module docstring)."""
     rows = []
     for run_dir in run_dirs:
         info = _run_info(run_dir)
@@ -162,7 +196,9 @@ def collect_rows(run_dirs: list[Path], papers: list[dict[str, Any]]) -> list[dic
             pretrain = f"{ckpt.get('method')} {step}/{info['steps'] or '?'} steps"
             if step and info["batch"] and info["train_samples"]:
                 pretrain += f" ({step * info['batch'] / info['train_samples']:.3g} ep)"
-            metric, value = _metric_cell(result.get("metrics") or {})
+            metric, _ = _metric_cell(result.get("metrics") or {})
+            recipe = recipe_of(result)
+            stored = (result.get("recipe") or {}).get("sha256")
             rows.append(
                 {
                     "run": run_dir.name,
@@ -171,18 +207,38 @@ def collect_rows(run_dirs: list[Path], papers: list[dict[str, Any]]) -> list[dic
                     f"{shape.get('img_size')} px)",
                     "encoder": "random init" if ckpt.get("encoder") == "random_init" else "pretrained",
                     "protocol": result.get("protocol"),
-                    "recipe": _recipe(result),
+                    "recipe": recipe_summary(result),
+                    "recipe_id": (result.get("recipe") or {}).get("id") or recipe.id,
+                    "_recipe_sha": stored or recipe.sha256,
+                    "labels_fraction": (result.get("labels_subset") or {}).get("fraction"),
                     "data": _data_cell(result),
                     "result": metric,
-                    "value": value,
-                    "paper": _paper_cell(papers, str(ckpt.get("method")), arch, result.get("implementation")),
+                    "value": headline(result.get("metrics") or {})[1],
+                    "paper": _paper_cell(paper_matches(papers, result)),
                     "step": step or 0,
                     "file": result.get("_file"),
                 }
             )
+    baselines: dict[tuple[str, int, str], list[float]] = {}
+    for r in rows:
+        if r["encoder"] == "random init" and r["value"] is not None:
+            baselines.setdefault((r["run"], r["step"], r["_recipe_sha"]), []).append(r["value"])
+    for r in rows:
+        same = baselines.get((r["run"], r["step"], r["_recipe_sha"]), [])
+        r["vs_random"] = _vs_random(r["value"], same) if r["encoder"] == "pretrained" else "-"
     rows.sort(
-        key=lambda r: (r["run"], r["step"], str(r["protocol"]), r["encoder"] != "pretrained", r["recipe"])
+        key=lambda r: (
+            r["run"],
+            r["step"],
+            str(r["protocol"]),
+            -1.0 if r["labels_fraction"] is None else r["labels_fraction"],
+            r["recipe_id"],
+            r["encoder"] != "pretrained",
+            str(r["file"]),
+        )
     )
+    for r in rows:
+        del r["_recipe_sha"]
     return rows
 
 
@@ -192,10 +248,12 @@ COLUMNS = [
     ("arch", "encoder"),
     ("encoder", "init"),
     ("protocol", "protocol"),
+    ("recipe_id", "recipe id"),
     ("recipe", "recipe"),
     ("data", "eval data (train -> test)"),
     ("result", "result (%)"),
-    ("paper", "paper (reference)"),
+    ("vs_random", "vs random init (same recipe)"),
+    ("paper", "paper (same arch, data, protocol)"),
 ]
 
 
@@ -234,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(markdown(rows))
     print(
-        "\nPaper numbers are the published result of the same method and protocol (ImageNet-scale models and data); "
-        "they are references, comparable only at the same architecture, data and budget."
+        "\nRows with the same recipe id were evaluated with the same settings on the same data; 'vs random init' "
+        "compares a pretrained row only with the random-init encoder at its recipe. A paper number is shown only "
+        "where method, architecture, evaluation data and protocol match (configs/paper_results.yaml); its "
+        "pretraining budget may still differ."
     )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

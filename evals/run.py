@@ -40,10 +40,13 @@ from evals.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EvalInputError, E
 from evals.export import Export, load_export, random_init_export
 from evals.results import (
     RESULT_FORMAT,
-    result_name,
+    ResultKey,
+    make_recipe,
+    recipe_summary,
     results_dir,
     setup_logging,
-    write_json_atomic,
+    tensorboard_dir,
+    write_result,
     write_tensorboard,
 )
 
@@ -128,36 +131,71 @@ def _shard_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "manifest.json").is_file() or any(path.glob("*.tar")))
 
 
-def _open(spec: str, what: str) -> ShardSequence:
+def _check_exists(spec: str, what: str) -> None:
     path = Path(spec).expanduser()
     if not path.exists() and not any(ch in spec for ch in "*{"):
         raise EvalInputError(
             f"{what} {spec} does not exist; give a shard directory built by python -m data_pipelines.build_shards "
             f"(e.g. python -m data_pipelines.build_shards fashion-mnist data/fmnist/test --split test)"
         )
+
+
+def _open(spec: str, what: str) -> ShardSequence:
+    _check_exists(spec, what)
     try:
         return ShardSequence(spec)
     except ShardSpecError as exc:
         raise EvalInputError(f"{what} {spec}: {exc}") from None
 
 
-def resolve_data(
-    args: argparse.Namespace, cfg: Any, export: Export
-) -> tuple[ShardSequence | None, ShardSequence, str]:
-    """(train, test, how they were found); see the ``data`` section of ``--help``."""
-    train, test, how = args.train_data, args.test_data, "--train-data/--test-data"
-    if args.data:
-        root = Path(args.data).expanduser()
+def identify_data(spec: str, what: str) -> dict[str, Any]:
+    """``data_identity`` of a shard spec without opening every shard (for naming a result before running).
+
+    Raises:
+        EvalInputError: the shards do not exist or cannot be resolved (same message as ``evals.run``).
+    """
+    _check_exists(spec, what)
+    try:
+        return data_identity(spec)
+    except (ShardSpecError, OSError) as exc:
+        raise EvalInputError(f"{what} {spec}: {exc}") from None
+
+
+def resolve_data_specs(
+    data: str | None,
+    train_data: str | None,
+    test_data: str | None,
+    cfg: Any,
+    run_dir: Path | None,
+) -> tuple[str | None, str, str]:
+    """Which shards an evaluation reads: ``(train spec or None, test spec, how they were found)``.
+
+    See the ``data`` section of ``--help``. Shared with ``evals.watch``, which names a result before
+    running it (the data's content is part of the result's key).
+
+    Args:
+        data: ``--data``.
+        train_data: ``--train-data``.
+        test_data: ``--test-data``.
+        cfg: the resolved protocol config (``data.train`` / ``data.test``).
+        run_dir: the export's run directory (its ``config.yaml`` names the training shards), or ``None``.
+
+    Raises:
+        EvalInputError: no test data, or ``--data`` is not a shard directory.
+    """
+    train, test, how = train_data, test_data, "--train-data/--test-data"
+    if data:
+        root = Path(data).expanduser()
         if (root / "train").is_dir() or (root / "test").is_dir():
             train = train or (str(root / "train") if _shard_dir(root / "train") else None)
             test = test or (str(root / "test") if _shard_dir(root / "test") else None)
-            how = f"--data {args.data} (train/ and test/)"
+            how = f"--data {data} (train/ and test/)"
         elif _shard_dir(root):
             test = test or str(root)
-            how = f"--data {args.data} (test split)"
+            how = f"--data {data} (test split)"
         else:
             raise EvalInputError(
-                f"--data {args.data}: expected a directory containing train/ and test/ shard directories, or a shard "
+                f"--data {data}: expected a directory containing train/ and test/ shard directories, or a shard "
                 "directory (manifest.json + shard-*.tar); build them with python -m data_pipelines.build_shards "
                 "fashion-mnist DIR/train --split train (and DIR/test --split test)"
             )
@@ -165,13 +203,9 @@ def resolve_data(
         train, how = cfg.data.train, "config data.train/data.test"
     if test is None and cfg.data.test:
         test, how = cfg.data.test, "config data.train/data.test"
-    if (
-        (train is None or test is None)
-        and export.run_dir is not None
-        and (export.run_dir / "config.yaml").is_file()
-    ):
+    if (train is None or test is None) and run_dir is not None and (Path(run_dir) / "config.yaml").is_file():
         try:
-            run_cfg = yaml.safe_load((export.run_dir / "config.yaml").read_text()) or {}
+            run_cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
         except (OSError, yaml.YAMLError):
             run_cfg = {}
         shards = (run_cfg.get("data") or {}).get("shards")
@@ -186,7 +220,37 @@ def resolve_data(
             "no evaluation data: pass --data DIR (with train/ and test/), or --train-data and --test-data "
             "(shard directories built by python -m data_pipelines.build_shards)"
         )
+    return train, test, how
+
+
+def resolve_data(
+    args: argparse.Namespace, cfg: Any, export: Export
+) -> tuple[ShardSequence | None, ShardSequence, str]:
+    """(train, test, how they were found); see :func:`resolve_data_specs`."""
+    train, test, how = resolve_data_specs(args.data, args.train_data, args.test_data, cfg, export.run_dir)
     return (_open(train, "training data") if train else None), _open(test, "test data"), how
+
+
+def result_key(
+    name: str,
+    cfg: Any,
+    train: dict[str, Any] | None,
+    test: dict[str, Any],
+    random_init_seed: int | None = None,
+) -> ResultKey:
+    """The key (file name) of a result: protocol, recipe (resolved config + data content), encoder.
+
+    Args:
+        name: the protocol name.
+        cfg: the resolved protocol config.
+        train: ``data_identity`` of the training split, or ``None``.
+        test: ``data_identity`` of the test split.
+        random_init_seed: the seed of a random-init baseline (``None``: the pretrained encoder).
+    """
+    impl = str(cfg.protocol)
+    sections = {s: section(cfg, s) for s in ("data", "features", impl)}
+    recipe = make_recipe(name, impl, sections, train, test)
+    return ResultKey(name, recipe, cfg.data.labels_fraction, random_init_seed)
 
 
 def resolve_transform(
@@ -255,7 +319,9 @@ def evaluate(args: argparse.Namespace, env: DistEnv) -> Path | None:
     splits = [("test data", test)] + ([("training data", train)] if train is not None else [])
     transform = resolve_transform(str(cfg.data.resize), cfg, export, splits)
     out_dir = results_dir(export.path, args.output)
-    stem = result_name(name, cfg.data.labels_fraction, export.random_init_seed is not None)
+    train_ident = data_identity(train) if train is not None else None
+    test_ident = data_identity(test)
+    key = result_key(name, cfg, train_ident, test_ident, export.random_init_seed)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     ctx = EvalContext(
         name=name,
@@ -288,16 +354,13 @@ def evaluate(args: argparse.Namespace, env: DistEnv) -> Path | None:
     impl = str(cfg.protocol)
     payload = {
         "format": RESULT_FORMAT,
-        "name": stem,
+        "name": key.stem,
         "protocol": name,
         "implementation": impl,
         "source": cfg.source,
         "checkpoint": export.describe(),
-        "data": {
-            "train": data_identity(train) if train is not None else None,
-            "test": data_identity(test),
-            "found_by": how,
-        },
+        "recipe": key.recipe.describe(),
+        "data": {"train": train_ident, "test": test_ident, "found_by": how},
         "transform": transform.describe(),
         "settings": {
             "data": section(cfg, "data"),
@@ -315,13 +378,16 @@ def evaluate(args: argparse.Namespace, env: DistEnv) -> Path | None:
         "versions": {"torch": torch.__version__},
         "command": " ".join([Path(sys.executable).name, "-m", "evals.run", *sys.argv[1:]]),
     }
-    path = out_dir / f"{stem}.json"
-    write_json_atomic(path, payload)
+    payload["recipe"]["summary"] = recipe_summary(payload)
+    path = key.path(out_dir)
+    write_result(path, payload)
     if not args.no_tensorboard and export.step is not None:
-        tb_dir = out_dir.parent / "tb" if out_dir.parent.name == "evals" else out_dir / "tb"
-        write_tensorboard(tb_dir, export.step, stem, payload["metrics"])
+        write_tensorboard(tensorboard_dir(out_dir), export.step, key, payload["metrics"])
     shown = ", ".join(f"{k} {v:.2f}" for k, v in payload["metrics"].items() if isinstance(v, float))
-    print(f"{stem} @ step {export.step}: {shown}\nresults: {path}", flush=True)
+    print(
+        f"{key.stem} @ step {export.step}: {shown}\nrecipe: {payload['recipe']['summary']}\nresults: {path}",
+        flush=True,
+    )
     return path
 
 

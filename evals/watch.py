@@ -3,13 +3,16 @@
     python -m evals.watch runs/<name> --protocol knn,linear --data data/fmnist
     python -m evals.watch runs/<name> --protocol knn --data data/fmnist --once        # what exists, then exit
     python -m evals.watch runs/<name> --protocol knn --data data/fmnist --nproc 4     # torchrun per evaluation
-    python -m evals.watch runs/<name> --protocol knn --submit --partition gpu --gpus 1  # one SLURM job each
+    python -m evals.watch runs/<name> --protocol knn --data data/fmnist --submit --cluster local  # SLURM jobs
 
 Every ``--interval`` seconds the watcher lists ``runs/<name>/exports/step_*`` directories that carry the
 ``COMPLETE`` marker (an export being written has none and is not looked at) and, oldest first, runs
 ``python -m evals.run --checkpoint <export> --protocol P ...`` for every protocol whose result file
-(``runs/<name>/evals/step_N/<result>.json``, written atomically at the end) does not exist yet. The
-result file is the record of "done": restarting the watcher never repeats an evaluation.
+(``runs/<name>/evals/step_N/<result>.json``, written atomically at the end) does not exist yet. A
+result's name holds its recipe id (protocol settings with the overrides, and the evaluation data's
+content; see :mod:`evals.results`), which the watcher computes before running, so the result file is
+the record of "done" for exactly that recipe: restarting the watcher never repeats an evaluation, and
+watching with other settings or data evaluates again into new files without touching the old ones.
 
 Purges: ``evals.run`` reads an export consistently (the marker is checked before and after reading
 every file) and exits with 4 when the export disappeared or changed meanwhile; the watcher then logs
@@ -22,10 +25,16 @@ A lock (``.<result>.lock``, ``flock``) keeps two watchers from evaluating the sa
 ``--submit`` sends each evaluation to SLURM with submitit (one job per export and protocol, logs in
 ``runs/<name>/slurm/evals/``); ``<result>.submitted.json`` (job id, command) marks it as handed over.
 The job runs the same ``python -m evals.run`` command, so the result file appears when it finishes.
+Jobs are sized by the cluster profile (``--cluster SITE`` or ``$SSL_CLUSTER``, as for
+``launch/slurm.py``; see :mod:`evals.submit`): its partition, account, QOS, constraint, CPUs per rank,
+one GPU when the nodes have GPUs, ``eval_time``, setup lines and environment; every flag of the SLURM
+group overrides its key. A job SLURM refuses stops the watcher with one line naming the request and
+SLURM's reason (exit 2); a controller that does not answer exits 1.
 
 The watcher stops by itself once the run's final export (``train.steps`` of ``runs/<name>/config.yaml``)
 has been handled, after ``--max-idle`` seconds without a new export, or with ``--once``;
-``--forever`` disables the first rule. Exit codes: 0, 2 bad input, 1 other failures.
+``--forever`` disables the first rule. Exit codes: 0, 2 bad input (also a job SLURM refuses), 1 other
+failures (also SLURM not answering).
 """
 
 from __future__ import annotations
@@ -49,7 +58,17 @@ import yaml
 from evals.config import load_eval_config
 from evals.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EvalInputError
 from evals.export import STEP_DIR, is_complete_export, list_complete_exports
-from evals.results import result_name, results_dir, setup_logging, write_json_atomic
+from evals.results import ResultKey, results_dir, setup_logging, write_json_atomic
+from evals.run import identify_data, resolve_data_specs, result_key
+from evals.submit import (
+    EvalCommand,  # noqa: F401  (the job callable; kept importable from here)
+    SlurmUnavailableError,
+    describe_request,
+    eval_executor,
+    eval_job_parameters,
+    load_cluster_profile,
+    submit_eval,
+)
 
 log = logging.getLogger("evals.watch")
 
@@ -86,17 +105,30 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nproc", type=int, default=1, help="ranks per local evaluation (torchrun when > 1)")
     p.add_argument("--timeout", type=float, default=24 * 3600, help="seconds one local evaluation may take")
-    sub = p.add_argument_group("SLURM (--submit, through submitit)")
+    sub = p.add_argument_group(
+        "SLURM (--submit, through submitit; defaults from the cluster profile, like launch/slurm.py)"
+    )
     sub.add_argument(
         "--submit", action="store_true", help="submit each evaluation as a SLURM job instead of running it"
     )
-    sub.add_argument("--partition", help="SLURM partition")
-    sub.add_argument("--account", help="SLURM account")
-    sub.add_argument("--qos", help="SLURM QOS")
-    sub.add_argument("--time-min", type=int, default=240, help="job time limit in minutes (default 240)")
-    sub.add_argument("--gpus", type=int, default=0, help="GPUs (= ranks) per evaluation job")
-    sub.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per rank")
-    sub.add_argument("--mem-gb", type=int, default=64, help="memory per node in GB")
+    sub.add_argument(
+        "--cluster",
+        help="cluster profile: a site name in configs/cluster/ or a YAML path (default: $SSL_CLUSTER)",
+    )
+    sub.add_argument("--partition", help="SLURM partition (default: the profile's)")
+    sub.add_argument("--account", help="SLURM account (default: the profile's)")
+    sub.add_argument("--qos", help="SLURM QOS (default: the profile's)")
+    sub.add_argument("--constraint", help="SLURM constraint (default: the profile's)")
+    sub.add_argument(
+        "--time", help="job time limit: minutes or [D-]HH:MM:SS (default: the profile's eval_time)"
+    )
+    sub.add_argument(
+        "--gpus",
+        type=int,
+        help="GPUs (= ranks) per evaluation job (default: 1 where the nodes have GPUs, else 0)",
+    )
+    sub.add_argument("--cpus-per-task", type=int, help="CPUs per rank (default: the profile's cpus_per_task)")
+    sub.add_argument("--mem", help="memory per job in SLURM's form, e.g. 64G (default: the site's)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides passed to evals.run")
     return p
 
@@ -107,7 +139,12 @@ class Task:
 
     export: Path
     protocol: str
-    stem: str
+    key: ResultKey
+
+    @property
+    def stem(self) -> str:
+        """The result's file stem (``knn-3fa2c1d0``)."""
+        return self.key.stem
 
     @property
     def out_dir(self) -> Path:
@@ -117,7 +154,7 @@ class Task:
     @property
     def result(self) -> Path:
         """The result file whose existence means done."""
-        return self.out_dir / f"{self.stem}.json"
+        return self.key.path(self.out_dir)
 
     def marker(self, kind: str) -> Path:
         """``<stem>.<kind>.json`` (failed / submitted)."""
@@ -125,8 +162,12 @@ class Task:
 
     @property
     def handled(self) -> bool:
-        """Evaluated, submitted or recorded as failed before."""
-        return self.result.is_file() or self.marker("submitted").is_file() or self.marker("failed").is_file()
+        """Evaluated (also by an earlier version, same recipe), submitted or recorded as failed before."""
+        return (
+            self.key.existing(self.out_dir) is not None
+            or self.marker("submitted").is_file()
+            or self.marker("failed").is_file()
+        )
 
 
 def eval_command(task: Task, args: argparse.Namespace, python: str = sys.executable) -> list[str]:
@@ -137,7 +178,7 @@ def eval_command(task: Task, args: argparse.Namespace, python: str = sys.executa
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
     cmd += list(args.overrides)
-    nproc = max(1, args.gpus) if args.submit else args.nproc
+    nproc = max(1, args.gpus or 0) if args.submit else args.nproc
     if nproc > 1:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -172,48 +213,26 @@ def task_lock(task: Task) -> Iterator[bool]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-class EvalCommand:
-    """submitit callable: run one ``evals.run`` command (a preempted evaluation simply starts over)."""
+def make_executor(args: argparse.Namespace, run_dir: Path) -> tuple[Any, str]:
+    """A submitit executor for evaluation jobs (``--submit``) and a description of what it asks SLURM for.
 
-    def __init__(self, command: list[str], workdir: str) -> None:
-        self.command, self.workdir = command, workdir
-
-    def __call__(self) -> int:
-        print("running:", " ".join(self.command), flush=True)
-        code = subprocess.run(self.command, cwd=self.workdir, check=False).returncode
-        if code != 0:
-            raise RuntimeError(f"{' '.join(self.command)} exited with {code}")
-        return code
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Requeue as is: evaluations are pure functions of the export."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(EvalCommand(self.command, self.workdir))
-
-
-def make_executor(args: argparse.Namespace, run_dir: Path) -> Any:
-    """A submitit executor for evaluation jobs (``--submit``)."""
-    try:
-        import submitit
-    except ImportError:
-        raise EvalInputError("--submit needs submitit (pip install -e '.[slurm]')") from None
-    ex = submitit.AutoExecutor(folder=str(run_dir / "slurm" / "evals" / "%j"))
-    params: dict[str, Any] = {
-        "timeout_min": args.time_min,
-        "nodes": 1,
-        "tasks_per_node": 1,
-        "cpus_per_task": args.cpus_per_task * max(1, args.gpus),
-        "mem_gb": args.mem_gb,
-        "name": f"{run_dir.name}-eval",
-    }
-    if args.gpus:
-        params["gpus_per_node"] = args.gpus
-    for key in ("partition", "account", "qos"):
+    Raises:
+        EvalInputError: unknown cluster profile, invalid flags, or SLURM / submitit not installed.
+    """
+    profile, origin = load_cluster_profile(args.cluster)
+    params = eval_job_parameters(
+        profile,
+        f"{run_dir.name}-eval",
+        gpus=args.gpus,
+        time=args.time,
+        cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+    )
+    for key in ("partition", "account", "qos", "constraint"):
         if getattr(args, key):
-            params[f"slurm_{key}"] = getattr(args, key)
-    ex.update_parameters(**params)
-    return ex
+            params[key] = getattr(args, key)
+    request = f"{describe_request(params)}; cluster profile {origin}"
+    return eval_executor(run_dir / "slurm" / "evals" / "%j", profile, params), request
 
 
 class Watcher:
@@ -230,13 +249,18 @@ class Watcher:
         self.args = args
         self.run_dir = Path(args.run_dir)
         self.protocols = [p.strip() for p in args.protocol.split(",") if p.strip()]
-        self.stems: dict[str, str] = {}
+        self.configs: dict[str, Any] = {}
         for protocol in self.protocols:  # validates names and overrides before anything runs
-            _, cfg = load_eval_config(protocol, None, list(args.overrides))
-            fraction = args.labels_fraction if args.labels_fraction is not None else cfg.data.labels_fraction
-            self.stems[protocol] = result_name(protocol, fraction, args.baseline == "random")
+            overrides = list(args.overrides)
+            if args.labels_fraction is not None:
+                overrides.append(f"data.labels_fraction={args.labels_fraction}")
+            if args.resize is not None:
+                overrides.append(f"data.resize={args.resize}")
+            self.configs[protocol] = load_eval_config(protocol, None, overrides)[1]
+        self._keys: dict[str, ResultKey] = {}
         self.executor_factory = executor_factory
         self._executor: Any = None
+        self._request = ""
         self.evaluated: list[Task] = []
         self.skipped: list[Task] = []
         self.failed: list[Task] = []
@@ -249,12 +273,29 @@ class Watcher:
         except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
             return None
 
+    def key(self, protocol: str) -> ResultKey:
+        """The result key of ``protocol`` with this watcher's settings and data (computed once).
+
+        The data are resolved as ``evals.run`` resolves them (``--data``/``--train-data``/``--test-data``,
+        the config's ``data.train``/``data.test``, else the run's ``data.shards``), so the name matches
+        the file ``evals.run`` writes.
+        """
+        if protocol not in self._keys:
+            cfg = self.configs[protocol]
+            a = self.args
+            train, test, _ = resolve_data_specs(a.data, a.train_data, a.test_data, cfg, self.run_dir)
+            train_id = identify_data(train, "training data") if train else None
+            test_id = identify_data(test, "test data")
+            seed = int(cfg.seed) if a.baseline == "random" else None
+            self._keys[protocol] = result_key(protocol, cfg, train_id, test_id, seed)
+        return self._keys[protocol]
+
     def pending(self) -> list[Task]:
         """Tasks of complete exports that have not been handled, oldest export first."""
         tasks = []
         for export in list_complete_exports(self.run_dir / "exports"):
             for protocol in self.protocols:
-                task = Task(export, protocol, self.stems[protocol])
+                task = Task(export, protocol, self.key(protocol))
                 if not task.handled:
                     tasks.append(task)
         return tasks
@@ -275,14 +316,14 @@ class Watcher:
 
     def _submit(self, task: Task) -> None:
         if self._executor is None:
-            self._executor = self.executor_factory(self.args, self.run_dir)
+            self._executor, self._request = self.executor_factory(self.args, self.run_dir)
         command = eval_command(task, self.args)
-        job = self._executor.submit(EvalCommand(command, str(REPO_ROOT)))
+        job_id = submit_eval(self._executor, command, REPO_ROOT, self._request)
         write_json_atomic(
             task.marker("submitted"),
-            {"job_id": str(job.job_id), "command": command, "time": time.time(), "export": str(task.export)},
+            {"job_id": job_id, "command": command, "time": time.time(), "export": str(task.export)},
         )
-        log.info("%s %s: submitted job %s", task.export.name, task.protocol, job.job_id)
+        log.info("%s %s: submitted job %s (%s)", task.export.name, task.protocol, job_id, self._request)
         self.evaluated.append(task)
 
     def _run(self, task: Task) -> None:
@@ -362,7 +403,7 @@ class Watcher:
         for export in list_complete_exports(exports):
             m = STEP_DIR.match(export.name)
             if m and int(m.group(1)) >= final:
-                return all(Task(export, p, self.stems[p]).handled for p in self.protocols)
+                return all(Task(export, p, self.key(p)).handled for p in self.protocols)
         return False
 
 
@@ -376,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except EvalInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except SlurmUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception:

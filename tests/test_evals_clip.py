@@ -34,6 +34,12 @@ VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, mlp_ra
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
+def _only(out_dir: Path, protocol: str) -> dict:
+    """The one result of ``protocol`` in ``out_dir`` (``<protocol>-<recipe id>.json``)."""
+    (path,) = out_dir.glob(f"{protocol}-*.json")
+    return json.loads(path.read_text())
+
+
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     try:
@@ -130,7 +136,7 @@ def test_zeroshot_known_answer(tmp_path: Path, tokenizer: Tokenizer, capsys: pyt
         "cpu",
     ]
     assert evals_run.main(argv) == 0
-    result = json.loads((tmp_path / "run" / "evals" / "step_00000005" / "zeroshot.json").read_text())
+    result = _only(tmp_path / "run" / "evals" / "step_00000005", "zeroshot")
     assert result["metrics"]["top1"] == 100.0 and result["details"]["num_templates"] == 80
     # One wrong label: 11 of 12 right. A few explicit templates instead of the 80.
     flipped = write_shards(
@@ -140,7 +146,7 @@ def test_zeroshot_known_answer(tmp_path: Path, tokenizer: Tokenizer, capsys: pyt
     argv = ["--checkpoint", str(export), "--protocol", "zeroshot", "--test-data", str(flipped), "--output",
             str(tmp_path / "out2"), "zeroshot.template_list=['a photo of a {}.','itap of my {}.']"]  # fmt: skip
     assert evals_run.main(argv) == 0
-    result = json.loads((tmp_path / "out2" / "zeroshot.json").read_text())
+    result = _only(tmp_path / "out2", "zeroshot")
     assert (
         result["metrics"]["top1"] == pytest.approx(100 * 11 / 12) and result["details"]["num_templates"] == 2
     )
@@ -153,12 +159,12 @@ def test_retrieval_known_answer(tmp_path: Path, tokenizer: Tokenizer) -> None:
     test = write_shards(tmp_path / "rt", [(im, None, cap) for im, cap in zip(images, captions)], 3)
     base = ["--checkpoint", str(export), "--protocol", "retrieval", "--device", "cpu"]
     assert evals_run.main([*base, "--test-data", str(test), "--output", str(tmp_path / "o1")]) == 0
-    metrics = json.loads((tmp_path / "o1" / "retrieval.json").read_text())["metrics"]
+    metrics = _only(tmp_path / "o1", "retrieval")["metrics"]
     assert all(metrics[f"{d}_r{k}"] == 100.0 for d in ("i2t", "t2i") for k in (1, 5, 10))
     swapped = [captions[1], captions[0], *captions[2:]]
     test2 = write_shards(tmp_path / "rt2", [(im, None, cap) for im, cap in zip(images, swapped)], 3)
     assert evals_run.main([*base, "--test-data", str(test2), "--output", str(tmp_path / "o2")]) == 0
-    metrics = json.loads((tmp_path / "o2" / "retrieval.json").read_text())["metrics"]
+    metrics = _only(tmp_path / "o2", "retrieval")["metrics"]
     assert metrics["i2t_r1"] == 75.0 and metrics["t2i_r1"] == 75.0  # images 0 and 1 (and their captions) miss
     # Beyond rank 1 the wrong words are all equally far (ties up to rounding): only monotonicity is known.
     assert metrics["i2t_r1"] <= metrics["i2t_r5"] <= metrics["i2t_r10"] and metrics["rsum"] < 600.0
