@@ -62,17 +62,22 @@ class KnnConfig:
 
 @dataclass
 class LinearConfig:
-    """Linear probe on frozen features (MAE's or DINO's recipe)."""
+    """Linear probe on frozen features (MAE's or DINO's recipe), with a learning-rate grid."""
 
     recipe: str = "mae"  # name shown in results: mae | dino
     head: str = "bn_linear"  # bn_linear (BatchNorm1d(affine=False) + Linear, MAE) | linear (DINO)
     n_last_blocks: int = 1  # concatenated CLS tokens of the last n blocks (DINO ViT-S: 4)
     avgpool: bool = False  # also concatenate the average of the last block's patch tokens (DINO ViT-B)
     optimizer: str = "lars"  # lars (MAE) | sgd (DINO)
-    blr: float = 0.1  # lr = blr * batch_size / 256
-    batch_size: int = 16384  # capped at the number of training samples (lr follows the actual batch)
+    blr_grid: list[float] = field(
+        default_factory=lambda: [0.1]
+    )  # one head per base lr, chosen on held-out data
+    blr: float | None = None  # one fixed base lr instead of the grid (all training samples, no held-out part)
+    val_fraction: float = 0.1  # share of every class held out to choose among the grid
+    batch_size: int = 16384  # capped at the training-set size; lr = blr * batch actually used / 256
     epochs: int = 90
-    warmup_epochs: int = 10
+    min_steps: int = 0  # at least this many optimizer steps (more epochs on small data)
+    warmup_epochs: float = 10
     momentum: float = 0.9
     weight_decay: float = 0.0
     min_lr: float = 0.0
@@ -249,6 +254,20 @@ def validate(cfg: DictConfig, where: str = "config") -> None:
         errors.append(f"linear.optimizer={lin.optimizer!r}: valid values are lars, sgd")
     if lin.epochs < 1 or lin.batch_size < 1 or lin.n_last_blocks < 1:
         errors.append("linear.epochs, linear.batch_size and linear.n_last_blocks must be >= 1")
+    if lin.min_steps < 0 or not 0 <= lin.warmup_epochs <= lin.epochs:
+        errors.append(
+            f"linear.min_steps={lin.min_steps} must be >= 0 and linear.warmup_epochs={lin.warmup_epochs} "
+            f"in [0, linear.epochs={lin.epochs}]"
+        )
+    if lin.blr is not None and lin.blr <= 0:
+        errors.append(f"linear.blr={lin.blr} must be > 0 (or null to use linear.blr_grid)")
+    if lin.blr is None and (not lin.blr_grid or min(lin.blr_grid) <= 0):
+        errors.append(f"linear.blr_grid={list(lin.blr_grid)} must be a non-empty list of positive base lrs")
+    if lin.blr is None and len(lin.blr_grid) > 1 and not 0 < lin.val_fraction < 1:
+        errors.append(
+            f"linear.val_fraction={lin.val_fraction} must be in (0, 1) to choose among "
+            f"{len(lin.blr_grid)} learning rates (or set one with linear.blr=...)"
+        )
     ft = cfg.finetune
     if ft.pool not in ("avg", "cls"):
         errors.append(f"finetune.pool={ft.pool!r}: valid values are avg (MAE global pool), cls")

@@ -21,8 +21,10 @@ therefore close to, not equal to, the papers' protocol. The learning rate is upd
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from evals.context import EvalContext, register_protocol, subset_rows
 from evals.features import FeatureSpec
+from evals.subsets import holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +107,54 @@ class LARS(torch.optim.Optimizer):
 
 def build_head(kind: str, dim: int, num_classes: int, init_std: float) -> nn.Module:
     """``bn_linear`` (MAE: BatchNorm1d(affine=False, eps=1e-6) + Linear) or ``linear`` (DINO)."""
+    linear = _linear(kind, dim, num_classes, init_std)
+    if kind == "bn_linear":
+        return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+    return linear
+
+
+def _linear(kind: str, dim: int, num_classes: int, init_std: float) -> nn.Linear:
     linear = nn.Linear(dim, num_classes)
     if kind == "bn_linear":
         nn.init.trunc_normal_(linear.weight, std=init_std)
     else:
         nn.init.normal_(linear.weight, std=init_std)
     nn.init.zeros_(linear.bias)
-    if kind == "bn_linear":
-        return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
     return linear
 
 
+class LinearHeads(nn.Module):
+    """Several linear classifiers on the same features, trained together (one per learning rate).
+
+    The parameter-free ``BatchNorm1d(affine=False)`` of MAE's head is shared: every head would compute
+    the same normalisation, so head ``h`` here equals ``build_head`` trained alone with its learning
+    rate on the same batches. Every head starts from the same seeded initialisation, so the heads
+    differ only in their learning rate.
+
+    Args:
+        kind: ``bn_linear`` or ``linear``.
+        dim: feature width ``D``.
+        num_classes: ``C``.
+        num_heads: ``H``.
+        init_std: weight init std.
+    """
+
+    def __init__(self, kind: str, dim: int, num_classes: int, num_heads: int, init_std: float) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if kind == "bn_linear" else nn.Identity()
+        first = _linear(kind, dim, num_classes, init_std)
+        self.heads = nn.ModuleList([first] + [copy.deepcopy(first) for _ in range(num_heads - 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` features -> ``[B, H, C]`` logits (one matrix product for all heads)."""
+        z = self.norm(x)  # [B, D]
+        weight = torch.cat([h.weight for h in self.heads])  # [H*C, D]
+        bias = torch.cat([h.bias for h in self.heads])  # [H*C]
+        return F.linear(z, weight, bias).view(len(x), len(self.heads), -1)
+
+
 def lr_at(
-    step: int, steps_per_epoch: int, base_lr: float, min_lr: float, epochs: int, warmup_epochs: int
+    step: int, steps_per_epoch: int, base_lr: float, min_lr: float, epochs: float, warmup_epochs: float
 ) -> float:
     """Linear warmup then half-cosine, evaluated at fractional epochs (MAE's ``adjust_learning_rate``)."""
     epoch = step / steps_per_epoch
@@ -136,6 +174,31 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def schedule_length(
+    steps_per_epoch: int, epochs: int, warmup_epochs: float, min_steps: int
+) -> tuple[float, float, int]:
+    """``(epochs, warmup epochs, steps)`` actually run: ``epochs`` passes, lengthened to at least
+    ``min_steps`` optimizer steps on small data (warmup keeps its share of the schedule)."""
+    steps = max(epochs * steps_per_epoch, min_steps)
+    run_epochs = steps / steps_per_epoch
+    return run_epochs, warmup_epochs * run_epochs / epochs, steps
+
+
+def _batches(n: int, batch: int, steps: int, steps_per_epoch: int, gen: torch.Generator) -> Any:
+    perm = torch.randperm(n, generator=gen)
+    for step in range(steps):
+        b = step % steps_per_epoch
+        if step and b == 0:
+            perm = torch.randperm(n, generator=gen)
+        yield step, perm[b * batch : (b + 1) * batch]
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``[M, H, C]`` logits in chunks (model in eval mode)."""
+    return torch.cat([model(x[i : i + 8192].float().to(device)).cpu() for i in range(0, len(x), 8192)])
+
+
 def train_linear(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -145,10 +208,12 @@ def train_linear(
     num_classes: int,
     head: str = "bn_linear",
     optimizer: str = "lars",
-    blr: float = 0.1,
+    blr: float | Sequence[float] = 0.1,
+    val_fraction: float = 0.1,
     batch_size: int = 16384,
     epochs: int = 90,
-    warmup_epochs: int = 10,
+    min_steps: int = 0,
+    warmup_epochs: float = 10,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     min_lr: float = 0.0,
@@ -158,7 +223,13 @@ def train_linear(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train a linear classifier on fixed features and evaluate it.
+    """Train linear classifiers on fixed features, choose one, and evaluate it on the test features.
+
+    With one base learning rate the head trains on every training sample (the papers' protocol). With
+    a grid, a class-stratified ``val_fraction`` of the training samples is held out, one head per
+    learning rate trains on the rest in the same pass (same batches, one optimizer with a parameter
+    group per head, as DINOv2's linear evaluation does), and the head with the best held-out top-1
+    (then the lowest held-out loss, then the smaller learning rate) is evaluated on the test set.
 
     Args:
         x_train: ``[N, D]`` training features.
@@ -168,67 +239,118 @@ def train_linear(
         num_classes: ``C``.
         head: ``bn_linear`` or ``linear``.
         optimizer: ``lars`` or ``sgd``.
-        blr: base lr; lr = blr x batch / 256 with the batch actually used.
-        batch_size: requested batch (capped at ``N``; the last incomplete batch of an epoch is dropped).
-        epochs: passes over the training features.
+        blr: base lr, or a grid of them; lr = blr x batch / 256 with the batch actually used.
+        val_fraction: share of every class held out to choose among a grid.
+        batch_size: requested batch (capped at the number of fitting samples; the last incomplete
+            batch of an epoch is dropped).
+        epochs: passes over the fitting samples.
+        min_steps: at least this many optimizer steps (small data: more epochs; see :func:`schedule_length`).
         warmup_epochs: linear warmup.
         momentum: optimizer momentum.
         weight_decay: weight decay.
-        min_lr: end of the cosine.
+        min_lr: end of the cosine (a head whose lr is lower ends at its own lr).
         trust_coefficient: LARS ``eta``.
         init_std: head weight init std.
-        seed: head init and shuffling seed.
+        seed: head init, shuffling and held-out split seed.
         device: where to train.
-        progress: progress bar over epochs.
+        progress: progress bar over steps.
 
     Returns:
-        ``{"metrics": {"top1", "top5"?, "train_top1", "final_loss"}, "lr", "batch_size", "steps"}``.
+        ``{"metrics": {"top1", "top5"?, "val_top1"?, "train_top1", "final_loss"}, "blr", "lr",
+        "blr_grid", "grid" (per blr: lr, val_top1, val_loss), "batch_size", "steps", "epochs",
+        "num_train", "num_val"}``.
     """
-    n, dim = x_train.shape
+    blrs = [float(blr)] if isinstance(blr, int | float) else [float(b) for b in blr]
+    if not blrs:
+        raise ValueError("linear probe: empty learning-rate grid")
+    n_all, dim = x_train.shape
+    fit_rows = val_rows = None
+    if len(blrs) > 1:
+        fit_rows, val_rows = holdout_split(y_train, val_fraction, seed)
+        x_fit, y_fit = x_train[fit_rows], y_train[fit_rows]
+    else:
+        x_fit, y_fit = x_train, y_train
+    n = len(x_fit)
     if n < 2:
         raise ValueError(f"linear probe needs at least 2 training samples, got {n}")
     batch = min(batch_size, n)
     steps_per_epoch = n // batch
-    lr = blr * batch / 256
+    run_epochs, run_warmup, total_steps = schedule_length(steps_per_epoch, epochs, warmup_epochs, min_steps)
+    lrs = [b * batch / 256 for b in blrs]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_head(head, dim, num_classes, init_std).to(device)
+        model = LinearHeads(head, dim, num_classes, len(blrs), init_std).to(device)
+    groups = [{"params": list(h.parameters()), "lr": lr} for h, lr in zip(model.heads, lrs, strict=True)]
     if optimizer == "lars":
         opt: torch.optim.Optimizer = LARS(
-            model.parameters(),
-            lr=lr,
+            groups,
+            lr=lrs[0],
             weight_decay=weight_decay,
             momentum=momentum,
             trust_coefficient=trust_coefficient,
         )
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    x_train, y_train = x_train.float().to(device), y_train.to(device)
+        opt = torch.optim.SGD(groups, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+    x_dev, y_dev = x_fit.float().to(device), y_fit.to(device)
     gen = torch.Generator().manual_seed(seed)
-    step, loss_value = 0, float("nan")
+    losses = torch.full((len(blrs),), float("nan"))
     model.train()
-    for _ in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress, leave=False):
-        perm = torch.randperm(n, generator=gen).to(device)
-        for b in range(steps_per_epoch):
-            rows = perm[b * batch : (b + 1) * batch]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps_per_epoch, lr, min_lr, epochs, warmup_epochs)
-            loss = F.cross_entropy(model(x_train[rows]), y_train[rows])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-        loss_value = float(loss.detach())
+    bar = tqdm(total=total_steps, desc="linear probe", unit="step", disable=not progress, leave=False)
+    for step, rows in _batches(n, batch, total_steps, steps_per_epoch, gen):
+        rows = rows.to(device)
+        for group, lr in zip(opt.param_groups, lrs, strict=True):
+            group["lr"] = lr_at(step, steps_per_epoch, lr, min(min_lr, lr), run_epochs, run_warmup)
+        logits = model(x_dev[rows])  # [B, H, C]
+        target = y_dev[rows][:, None].expand(-1, len(blrs))  # [B, H]
+        per_head = F.cross_entropy(logits.permute(0, 2, 1), target, reduction="none").mean(dim=0)  # [H]
+        opt.zero_grad(set_to_none=True)
+        per_head.sum().backward()  # heads share no parameter: each gets its own gradient
+        opt.step()
+        if step == total_steps - 1:
+            losses = per_head.detach().cpu()
+        bar.update()
+    bar.close()
     model.eval()
-    with torch.no_grad():
-        test_logits = torch.cat(
-            [model(x_test[i : i + 8192].float().to(device)) for i in range(0, len(x_test), 8192)]
-        )
-        train_logits = torch.cat([model(x_train[i : i + 8192]) for i in range(0, n, 8192)])
-    metrics = accuracy(test_logits.cpu(), y_test.cpu())
-    metrics["train_top1"] = accuracy(train_logits.cpu(), y_train.cpu())["top1"]
-    metrics["final_loss"] = loss_value
-    return {"metrics": metrics, "lr": lr, "batch_size": batch, "steps": step}
+    grid = [{"blr": b, "lr": lr} for b, lr in zip(blrs, lrs, strict=True)]
+    chosen = 0
+    val_metrics: dict[str, float] = {}
+    if val_rows is not None:
+        val_logits = _logits(model, x_train[val_rows], device)  # [V, H, C]
+        y_val = y_train[val_rows].cpu()
+        for h, entry in enumerate(grid):
+            finite = all(bool(torch.isfinite(p).all()) for p in model.heads[h].parameters())
+            if not (
+                finite and bool(torch.isfinite(losses[h])) and bool(torch.isfinite(val_logits[:, h]).all())
+            ):
+                entry.update(val_top1=0.0, val_loss=None, diverged=True)  # this learning rate diverged
+                continue
+            entry["val_top1"] = accuracy(val_logits[:, h], y_val)["top1"]
+            entry["val_loss"] = float(F.cross_entropy(val_logits[:, h], y_val))
+        usable = [h for h, e in enumerate(grid) if not e.get("diverged")]
+        if not usable:
+            raise FloatingPointError(f"linear probe: every learning rate of the grid {blrs} diverged")
+        chosen = min(usable, key=lambda h: (-grid[h]["val_top1"], grid[h]["val_loss"], grid[h]["blr"]))
+        val_metrics["val_top1"] = grid[chosen]["val_top1"]
+    test_logits = _logits(model, x_test, device)[:, chosen]
+    train_logits = _logits(model, x_fit, device)[:, chosen]
+    metrics = accuracy(test_logits, y_test.cpu())
+    metrics.update(val_metrics)
+    metrics["train_top1"] = accuracy(train_logits, y_fit.cpu())["top1"]
+    metrics["final_loss"] = float(losses[chosen])
+    return {
+        "metrics": metrics,
+        "blr": blrs[chosen],
+        "lr": lrs[chosen],
+        "blr_grid": blrs,
+        "grid": grid,
+        "batch_size": batch,
+        "steps": total_steps,
+        "epochs": run_epochs,
+        "warmup_epochs": run_warmup,
+        "num_train": n,
+        "num_val": 0 if val_rows is None else len(val_rows),
+        "num_total": n_all,
+    }
 
 
 @register_protocol("linear")
@@ -244,6 +366,7 @@ def run(ctx: EvalContext) -> dict[str, Any] | None:
     assert train is not None and test is not None
     train = subset_rows(train, ctx.label_subset(train.labels, train.indices))
     num_classes = ctx.num_classes(train.labels, test.labels)
+    blrs = [float(cfg.blr)] if cfg.blr is not None else [float(b) for b in cfg.blr_grid]
     out = train_linear(
         train.linear_input(spec.n_last_blocks, spec.avgpool),
         train.labels,
@@ -252,10 +375,12 @@ def run(ctx: EvalContext) -> dict[str, Any] | None:
         num_classes=num_classes,
         head=str(cfg.head),
         optimizer=str(cfg.optimizer),
-        blr=float(cfg.blr),
+        blr=blrs,
+        val_fraction=float(cfg.val_fraction),
         batch_size=int(cfg.batch_size),
         epochs=int(cfg.epochs),
-        warmup_epochs=int(cfg.warmup_epochs),
+        min_steps=int(cfg.min_steps),
+        warmup_epochs=float(cfg.warmup_epochs),
         momentum=float(cfg.momentum),
         weight_decay=float(cfg.weight_decay),
         min_lr=float(cfg.min_lr),
@@ -265,11 +390,16 @@ def run(ctx: EvalContext) -> dict[str, Any] | None:
         device=ctx.device,
         progress=ctx.progress,
     )
+    if len(blrs) > 1:
+        log.info(
+            "linear probe (%s): held-out top-1 by blr: %s -> blr %g",
+            cfg.recipe,
+            ", ".join(f"{g['blr']:g}: {g['val_top1']:.1f}" for g in out["grid"]),
+            out["blr"],
+        )
     log.info(
         "linear probe (%s): %s", cfg.recipe, ", ".join(f"{k} {v:.2f}" for k, v in out["metrics"].items())
     )
-    return {
-        "metrics": out["metrics"],
-        "num_classes": num_classes,
-        "actual": {"lr": out["lr"], "batch_size": out["batch_size"], "steps": out["steps"]},
-    }
+    actual = {k: out[k] for k in ("blr", "lr", "blr_grid", "batch_size", "steps", "epochs", "warmup_epochs")}
+    actual.update(num_train=out["num_train"], num_val=out["num_val"])
+    return {"metrics": out["metrics"], "num_classes": num_classes, "actual": actual, "grid": out["grid"]}

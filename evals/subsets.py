@@ -107,3 +107,46 @@ def select_subset(labels: torch.Tensor, indices: torch.Tensor, fraction: float, 
         per_class=per_class,
         num_total=sum(len(m) for m in by_class.values()),
     )
+
+
+_TAG_HOLDOUT = 8
+
+
+def holdout_split(labels: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split training rows into a fitting part and a class-stratified held-out part (model selection).
+
+    For every class with ``n_c >= 2`` rows, ``min(n_c - 1, max(1, round(fraction * n_c)))`` of them are
+    held out, chosen by a seeded permutation (the same stable permutation as :func:`select_subset`,
+    seeded from ``(seed, class)``); a class with one row keeps it for fitting, so every class is learned.
+
+    Args:
+        labels: int64 ``[N]`` labels of the rows (row order, not sample indices).
+        fraction: fraction of each class to hold out, in (0, 1).
+        seed: split seed.
+
+    Returns:
+        ``(fit_rows, val_rows)``: int64 row positions, each ascending.
+
+    Raises:
+        ValueError: fraction outside (0, 1), or no class has two rows (nothing can be held out).
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
+    by_class: dict[int, list[int]] = {}
+    for row, label in enumerate(labels.tolist()):
+        by_class.setdefault(int(label), []).append(row)
+    val: list[int] = []
+    for c, rows in sorted(by_class.items()):
+        if len(rows) < 2:
+            continue
+        keep = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        perm = permutation(len(rows), derive_seed(_TAG_HOLDOUT, seed, c))
+        val += [rows[p] for p in perm[:keep]]
+    if not val:
+        raise ValueError(
+            "no class has two training samples: nothing can be held out to choose a learning rate"
+        )
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    held[torch.tensor(val, dtype=torch.int64)] = True
+    rows = torch.arange(len(labels))
+    return rows[~held], rows[held]

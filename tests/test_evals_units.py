@@ -28,7 +28,7 @@ from evals.finetune import Classifier, mix_batch, param_groups
 from evals.knn import knn_classify, knn_votes
 from evals.linear import LARS, train_linear
 from evals.retrieval import retrieval_recall
-from evals.subsets import select_subset
+from evals.subsets import holdout_split, select_subset
 from evals.zeroshot import load_templates, zeroshot_accuracy
 from pretrain.models import create_vit
 
@@ -177,6 +177,76 @@ def test_linear_probe_on_clusters(recipe: dict) -> None:
     assert out["lr"] == pytest.approx(recipe["blr"] * 64 / 256)
     again = train_linear(x, y, xt, yt, num_classes=5, batch_size=64, **recipe)
     assert again["metrics"] == out["metrics"]  # seeded
+
+
+def test_linear_grid_trains_every_head_as_if_alone() -> None:
+    """One pass over the features with one head per learning rate = each learning rate trained on its own."""
+    x, y = clusters(30, 4, 8, 1.5, seed=3)
+    xt, yt = clusters(10, 4, 8, 1.5, seed=4)
+    kw = dict(num_classes=4, batch_size=32, epochs=6, warmup_epochs=1, seed=5)
+    grid = train_linear(x, y, xt, yt, blr=[0.5, 5.0, 50.0], val_fraction=0.25, **kw)
+    fit_rows, val_rows = holdout_split(y, 0.25, seed=5)
+    assert grid["num_train"] == len(fit_rows) == 88 and grid["num_val"] == len(val_rows) == 32  # 8 per class
+    for entry in grid["grid"]:  # the same head trained alone on the fitting rows
+        alone = train_linear(x[fit_rows], y[fit_rows], xt, yt, blr=entry["blr"], **kw)
+        assert alone["lr"] == pytest.approx(entry["lr"])
+        if entry["blr"] == grid["blr"]:
+            assert alone["metrics"]["top1"] == grid["metrics"]["top1"]
+            assert alone["metrics"]["final_loss"] == pytest.approx(grid["metrics"]["final_loss"], rel=1e-4)
+
+
+def test_linear_grid_picks_on_held_out_data_and_survives_divergence() -> None:
+    x_all, y_all = clusters(30, 5, 12, 1.0, seed=6)
+    x, y, xt, yt = x_all[0::3], y_all[0::3], x_all[1::3], y_all[1::3]  # same classes, other samples
+    kw = dict(num_classes=5, head="linear", optimizer="sgd", batch_size=16, epochs=20, warmup_epochs=0)
+    grid = [1e-6, 1.0, 1e38]  # far too small, fine, overflowing
+    out = train_linear(x, y, xt, yt, blr=grid, **kw)
+    by = {e["blr"]: e for e in out["grid"]}
+    assert out["blr"] == 1.0 and out["blr_grid"] == grid and out["metrics"]["top1"] >= 90.0
+    assert by[1e38].get("diverged") and by[1e38]["val_loss"] is None
+    assert by[1e-6]["val_top1"] < by[1.0]["val_top1"] and out["metrics"]["val_top1"] == by[1.0]["val_top1"]
+    json.dumps(out, allow_nan=False)  # recordable: no NaN in the result
+    with pytest.raises(FloatingPointError, match="every learning rate"):
+        train_linear(x, y, xt, yt, blr=[1e38, 3e38], **kw)
+
+
+def test_linear_min_steps_lengthens_the_schedule_on_small_data() -> None:
+    x, y = clusters(5, 4, 8, 0.5, seed=8)  # 20 samples: 1 step per epoch at the paper's batch
+    out = train_linear(x, y, x, y, num_classes=4, blr=1.0, batch_size=16384, epochs=90, warmup_epochs=10,
+                       min_steps=300)  # fmt: skip
+    assert out["batch_size"] == 20 and out["steps"] == 300 and out["epochs"] == 300
+    assert out["warmup_epochs"] == pytest.approx(10 * 300 / 90)  # warmup keeps its share
+    big = train_linear(x, y, x, y, num_classes=4, blr=1.0, batch_size=4, epochs=90, min_steps=300)
+    assert big["steps"] == 90 * 5  # enough steps already: the epochs as given
+
+
+def test_holdout_split_is_stratified_and_seeded() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 10 + [2] * 2 + [3])
+    fit, val = holdout_split(labels, 0.1, seed=1)
+    counts = torch.bincount(labels[val], minlength=4).tolist()
+    assert counts == [5, 1, 1, 0]  # 10 % per class, at least one, never a whole class (3 has one sample)
+    assert sorted(fit.tolist() + val.tolist()) == list(range(len(labels)))
+    assert torch.equal(holdout_split(labels, 0.1, seed=1)[1], val)
+    assert not torch.equal(holdout_split(labels, 0.1, seed=2)[1], val)
+    with pytest.raises(ValueError, match="nothing can be held out"):
+        holdout_split(torch.tensor([0, 1, 2]), 0.1)
+
+
+def test_linear_defaults_cover_the_papers_recipes() -> None:
+    """The default grid includes each paper's learning rate; ``linear.blr=X`` is the paper's fixed protocol."""
+    _, mae = load_eval_config("linear")
+    assert (mae.linear.head, mae.linear.optimizer, mae.linear.batch_size, mae.linear.epochs) == (
+        "bn_linear", "lars", 16384, 90)  # fmt: skip
+    assert 0.1 in mae.linear.blr_grid and mae.linear.blr is None and 0 < mae.linear.val_fraction < 1
+    _, dino = load_eval_config("linear_dino")
+    assert (dino.linear.head, dino.linear.optimizer, dino.linear.n_last_blocks) == ("linear", "sgd", 4)
+    assert 0.001 in dino.linear.blr_grid
+    _, paper = load_eval_config("linear", None, ["linear.blr=0.1"])
+    assert paper.linear.blr == 0.1
+    with pytest.raises(EvalInputError, match=r"linear\.val_fraction=0\.0 must be in"):
+        load_eval_config("linear", None, ["linear.val_fraction=0"])
+    with pytest.raises(EvalInputError, match=r"linear\.blr_grid"):
+        load_eval_config("linear", None, ["linear.blr_grid=[]"])
 
 
 # ------------------------------------------------------------------------------------------ subsets
@@ -359,6 +429,9 @@ def test_paper_results_are_keyed_by_protocol() -> None:
     from evals.report import load_paper_results
 
     papers = load_paper_results()
+    assert all(
+        p["dataset_spec"]["num_classes"] == 1000 for p in papers
+    )  # every key names a described data set
     linear = [
         p
         for p in papers
