@@ -75,9 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python launch/slurm.py",
         description=(
-            "Launch self-supervised pretraining as one SLURM job (submitit): one task per GPU, every rank "
-            "running pretrain.train with the process group from submitit's environment (NCCL on GPUs, gloo "
-            "on CPU nodes). Preemption-safe: on SLURM's USR2 the ranks save and the job requeues itself; on "
+            "Launch self-supervised pretraining as one SLURM job (submitit): one task per GPU, every rank\n"
+            "running pretrain.train with the process group from submitit's environment (NCCL on GPUs, gloo\n"
+            "on CPU nodes). Preemption-safe: on SLURM's USR2 the ranks save and the job requeues itself; on\n"
             "SIGTERM (scancel) they save and stop."
         ),
         epilog=EPILOG,

@@ -115,30 +115,53 @@ _TRACEBACK = "Traceback (most recent call last):"
 # Where an attempt starts in a log that every attempt appends to: submitit's first line (.out) and
 # launch.jobs' marker (.err).
 _ATTEMPT_START = re.compile(r"Starting with JobEnvironment|^launch: job \S+ attempt \d+ rank \d+ started")
-_TASK_FAILED = re.compile(r"^srun: error: \S+: tasks? [\d\-,]+: ")
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")  # torch.distributed prefixes a rank's traceback lines
+_TASK_FAILED = re.compile(r"^srun: error: \S+: tasks? ([\d\-,]+): (.*)")
 _SLURM_ERROR = re.compile(r"^(slurmstepd\S*|srun): error: |CANCELLED|TIME LIMIT|oom|Killed|Terminated")
+_SLURM_ENDED = re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ .+ \*\*\*")  # "*** JOB 12 ON node1 CANCELLED AT ..."
+_LOG_RANK = re.compile(r"_(\d+)_log\.\w+$")
+MAX_ERROR_CHARS = 300
 
 
-def last_error_line(log_files: list[Path]) -> str | None:
-    """The most telling error line of a job's last attempt (``<jobid>_<rank>_log.{err,out}``, rank 0 first).
+def last_error_line(log_files: list[Path], slurm_first: bool = False) -> str | None:
+    """Why a job's last attempt failed, in one line, from its logs (``<jobid>_<rank>_log.{err,out}``).
 
-    Preference, across the files in order: the exception line that ends the last Python traceback,
-    then the last logged ERROR, then srun's first failed task (``srun: error: node2: task 1: Killed``:
-    the task that failed first, before srun ended the others), then SLURM's last own error line
-    (``slurmstepd: error: *** JOB 12 ON node1 CANCELLED AT ... DUE TO TIME LIMIT ***``).
+    The cause is the exception line that ended a Python traceback, else the last logged ERROR, taken
+    from the rank that srun reports failing first (``srun: error: node2: task 1: Exited with exit code
+    1``), else from any rank. A first task that did not exit by itself (``... task 1: Killed``) is the
+    cause: that line comes first, followed by what the other ranks then said. Without any of these:
+    SLURM's own last error line. ``slurm_first`` (a job SLURM ended: cancelled, timed out,
+    preempted): SLURM's line saying so (``slurmstepd: error: *** JOB 12 ON node1 CANCELLED AT ...
+    DUE TO TIME LIMIT ***``) comes first.
     """
-    texts = []
+    texts: list[tuple[int | None, list[str]]] = []
     for path in log_files:
         with contextlib.suppress(OSError), path.open("rb") as f:
             f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
-            lines = f.read().decode(errors="replace").splitlines()
+            lines = [_RANK_PREFIX.sub("", ln) for ln in f.read().decode(errors="replace").splitlines()]
             starts = [i for i, line in enumerate(lines) if _ATTEMPT_START.search(line)]
-            texts.append(lines[starts[-1] :] if starts else lines)
-    for pick in (_exception_line, _logged_error, _first_failed_task, _slurm_error):
-        for lines in texts:
-            found = pick(lines)
-            if found:
-                return found.strip()[:300]
+            m = _LOG_RANK.search(path.name)
+            texts.append((int(m.group(1)) if m else None, lines[starts[-1] :] if starts else lines))
+    if slurm_first and (ended := _first(texts, _slurm_ended)):
+        return ended[:MAX_ERROR_CHARS]
+    task = _first(texts, _first_failed_task)
+    first_rank = None
+    if task and (m := _TASK_FAILED.search(task)) and m.group(1).isdigit():
+        first_rank = int(m.group(1))
+    # The failed task's own logs first, then the others in their order.
+    ordered = sorted(texts, key=lambda t: t[0] != first_rank) if first_rank is not None else texts
+    cause = _first(ordered, _exception_line) or _first(ordered, _logged_error)
+    if task and cause and "Exited with exit code" not in task:
+        return f"{task}; then: {cause}"[:MAX_ERROR_CHARS]
+    return (cause or task or _first(texts, _slurm_error) or "")[:MAX_ERROR_CHARS] or None
+
+
+def _first(texts: list[tuple[int | None, list[str]]], pick: Any) -> str | None:
+    """The first file's answer of ``pick`` (a function of a file's lines), stripped."""
+    for _, lines in texts:
+        found = pick(lines)
+        if found:
+            return found.strip()
     return None
 
 
@@ -154,11 +177,17 @@ def _exception_line(lines: list[str]) -> str | None:
 
 
 def _logged_error(lines: list[str]) -> str | None:
-    return next((ln for ln in reversed(lines) if re.search(r"\] ERROR |^\S+ ERROR ", ln)), None)
+    # Our log format ("12:00:00 [rank0] ERROR name: message"); not submitit's generic
+    # "submitit ERROR (...) - Submitted job triggered an exception" (its traceback follows).
+    return next((ln for ln in reversed(lines) if re.search(r"\[rank\d+\] ERROR ", ln)), None)
 
 
 def _first_failed_task(lines: list[str]) -> str | None:
     return next((ln for ln in lines if _TASK_FAILED.search(ln)), None)
+
+
+def _slurm_ended(lines: list[str]) -> str | None:
+    return next((ln for ln in reversed(lines) if _SLURM_ENDED.search(ln)), None)
 
 
 def _slurm_error(lines: list[str]) -> str | None:
@@ -260,7 +289,8 @@ def run_status(run_dir: Path, query_slurm: bool = True, slurm: SlurmProbe | None
         row["attempts"] = [a.state for a in attempts]
         row["exit_code"] = attempts[-1].exit_code if attempts else None
         if jid not in queued and row["state"] in UNSUCCESSFUL_STATES:
-            row["error"] = last_error_line(_job_logs(run_dir, jid))
+            ended_by_slurm = row["state"] not in ("FAILED", "OUT_OF_MEMORY")
+            row["error"] = last_error_line(_job_logs(run_dir, jid), slurm_first=ended_by_slurm)
         status["jobs"].append(row)
     return status
 
@@ -269,6 +299,9 @@ def _why(j: dict[str, Any]) -> str:
     """Why a job attempt did not succeed: exit code and the error line of its logs ('' if it did)."""
     if j["state"] not in UNSUCCESSFUL_STATES:
         return ""
+    if j["state"] == "FAILED" and str(j.get("exit_code", "")).startswith("3:"):
+        # pretrain.train's exit 3: the ranks stopped on a signal (e.g. scancel --signal=TERM) and saved.
+        return "exit code 3: stopped on request with a complete checkpoint; the same command continues"
     parts = [f"exit code {j['exit_code']}"] if j.get("exit_code") else []
     if j.get("error"):
         parts.append(j["error"])

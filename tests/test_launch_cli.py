@@ -598,6 +598,19 @@ def test_last_error_line_of_a_jobs_last_attempt(tmp_path):
     )
     err0.write_text(SRUN_ERR_LOG)  # the task that failed first, in this attempt
     assert last_error_line([err0, out0, err1]) == "srun: error: node2: task 1: Killed"
+    cancelled = "slurmstepd-node1: error: *** STEP 12.0 ON node1 CANCELLED AT 2026-01-01T10:00:10 ***"
+    assert last_error_line([err0, out0, err1], slurm_first=True) == cancelled  # a job SLURM ended
+    # The killed task is the cause; what rank 0 said then (torch prefixes its lines) follows it.
+    err0.write_text(
+        SRUN_ERR_LOG.replace(
+            "srun: error: node1: task 0: Killed\n",
+            "[rank0]: Traceback (most recent call last):\n[rank0]:   File 'x.py', line 1\n"
+            "[rank0]: RuntimeError: Connection reset by peer\nsrun: error: node1: task 0: Killed\n",
+        )
+    )
+    assert last_error_line([err0, out0]) == (
+        "srun: error: node2: task 1: Killed; then: RuntimeError: Connection reset by peer"
+    )
     err0.write_text("")  # only SLURM's own line, in another rank's log
     assert last_error_line([err0, out0, err1]).startswith(
         "slurmstepd: error: *** STEP 12.0 ON node2 CANCELLED"
@@ -643,6 +656,13 @@ def test_status_says_why_a_job_failed(tmp_path):
     }
     out = format_status(s)
     assert "  job        12 FAILED, restarts 0 (FAILED)" in out
+    stopped = {
+        **s,
+        "jobs": [{**s["jobs"][0], "exit_code": "3:0", "error": "srun: error: task 0: Exited with 3"}],
+    }
+    assert "  why        FAILED, exit code 3: stopped on request with a complete checkpoint" in format_status(
+        stopped
+    )
     assert "  why        FAILED, exit code 1:0: launch.jobs.JobFailed: ConfigError: bad" in out
     assert "  eval job   13 knn: CANCELLED (exit code 0:0)" in out
 
