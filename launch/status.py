@@ -68,46 +68,35 @@ def _jobs(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def eval_results(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's eval results, oldest step first: step, result name, protocol, scalar metrics, file.
-
-    Through ``evals.results.load_results`` (the evals package's own reader), else the result files
-    ``evals/step_N/*.json`` directly.
+    """The run's evaluations, oldest step first, as ``evals.results.list_results`` (the evals package's
+    stable listing) reports them: results (state ``done``) and ``evals.watch``'s ``failed`` /
+    ``submitted`` records, each with its step, name, protocol, recipe line, headline metric and file.
     """
-    try:
-        from evals.results import load_results
-    except ImportError:
-        load_results = None
-    if load_results is not None:
-        payloads = load_results(run_dir)
-    else:
-        payloads = []
-        for path in sorted((run_dir / "evals").glob("step_*/*.json")):
-            with contextlib.suppress(OSError, json.JSONDecodeError):
-                payload = json.loads(path.read_text())
-                if isinstance(payload, dict) and "metrics" in payload:
-                    payloads.append({**payload, "_file": str(path)})
+    from evals.results import list_results
+
     out = []
-    for p in payloads:
-        file = Path(p.get("_file", ""))
-        step = (p.get("checkpoint") or {}).get("step")
-        if step is None:
-            with contextlib.suppress(ValueError, IndexError):
-                step = int(file.parent.name.split("_", 1)[1])
+    for e in list_results(run_dir):
         metrics = {
             k: float(v)
-            for k, v in (p.get("metrics") or {}).items()
+            for k, v in (e.metrics or {}).items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
         out.append(
             {
-                "step": step,
-                "name": p.get("name") or file.stem,
-                "protocol": p.get("protocol"),
+                "step": e.step,
+                "name": e.name,
+                "protocol": e.protocol,
+                "state": e.state,
+                "encoder": e.encoder,
+                "recipe": e.recipe,
+                "headline": e.headline,
+                "value": e.value,
                 "metrics": metrics,
-                "file": str(file),
+                "file": str(e.file),
+                "detail": e.detail,
+                "job_id": e.job_id,
             }
         )
-    out.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["name"]))
     return out
 
 
@@ -350,7 +339,7 @@ def format_status(s: dict[str, Any]) -> str:
 
 
 def _eval_lines(results: list[dict[str, Any]]) -> list[str]:
-    """Results of the newest evaluated step, one per line; older steps counted."""
+    """Evaluations of the newest evaluated step, one per line; older steps counted."""
     if not results:
         return ["  evals      none"]
     newest = max((r["step"] for r in results if r["step"] is not None), default=None)
@@ -358,13 +347,18 @@ def _eval_lines(results: list[dict[str, Any]]) -> list[str]:
     older = len({r["step"] for r in results}) - 1
     lines = []
     for i, r in enumerate(shown):
-        metrics = r["metrics"]
-        keys = [k for k in ("top1", "top5") if k in metrics] or list(metrics)[:3]
-        values = ", ".join(f"{k} {metrics[k]:.2f}" for k in keys) or "no scalar metrics"
+        if r["state"] == "done":
+            metrics = r["metrics"]
+            keys = [k for k in (r["headline"], "top5") if k in metrics] or list(metrics)[:3]
+            text = ", ".join(f"{k} {metrics[k]:.2f}" for k in keys) or "no scalar metrics"
+            if r["recipe"]:
+                text += f"  ({r['recipe']})"
+        else:
+            text = f"{r['state']} ({r['detail']})" if r["detail"] else r["state"]
         head = "  evals      " if i == 0 else "             "
-        lines.append(f"{head}step {newest}: {r['name']}: {values}  ({r['file']})")
+        lines.append(f"{head}step {newest}: {r['name']}: {text}")
     if older > 0:
-        lines.append(f"             (and results at {older} earlier step(s); --json lists all)")
+        lines.append(f"             (and evaluations at {older} earlier step(s); --json lists all)")
     return lines
 
 

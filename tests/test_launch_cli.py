@@ -527,30 +527,32 @@ def test_eval_job_without_a_training_job_has_no_dependency():
 
 
 # ---------------------------------------------------------------- status: eval results, why a job failed
-def test_status_shows_eval_results_of_the_newest_step(tmp_path, capsys):
+def test_status_shows_evaluations_of_the_newest_step(tmp_path, capsys):
     from launch import status
 
     run = tmp_path / "r"
+    knn = {"protocol": "knn", "implementation": "knn", "settings": {"knn": {"temperature": 0.07}}}
     for step, top1 in ((20, 50.0), (40, 66.5)):
         d = run / "evals" / f"step_{step:08d}"
         d.mkdir(parents=True)
-        payload = {"name": "knn", "protocol": "knn", "checkpoint": {"step": step}}
-        (d / "knn.json").write_text(json.dumps({**payload, "metrics": {"top1": top1, "top5": 98.0}}))
-    (run / "evals" / "step_00000040" / "linear.json").write_text(
-        json.dumps({"name": "linear", "protocol": "linear", "metrics": {"top1": 77.25, "final_loss": 0.5}})
+        payload = {**knn, "checkpoint": {"step": step, "encoder": "pretrained"}, "details": {"report_k": 20}}
+        (d / "knn-0a1b2c3d.json").write_text(json.dumps({**payload, "metrics": {"top1": top1, "top5": 98.0}}))
+    d = run / "evals" / "step_00000040"
+    (d / "broken.json").write_text('{"metr')  # half-written: not a result
+    (d / "linear-1b2c3d4e.failed.json").write_text(
+        json.dumps({"exit_code": 2, "log_tail": "loading\nerror: --data: no test/ shards"})
     )
-    (run / "evals" / "step_00000040" / "broken.json").write_text('{"metr')  # half-written: skipped
     assert status.main([str(run), "--no-slurm"]) == 0
     out = capsys.readouterr().out
-    assert "  evals      step 40: knn: top1 66.50, top5 98.00" in out, out
-    assert "step 40: linear: top1 77.25" in out and "results at 1 earlier step(s)" in out
-    assert "66.50" in out and "50.00" not in out
+    assert "  evals      step 40: knn-0a1b2c3d: top1 66.50, top5 98.00  (k=20, T=0.07)" in out, out
+    assert "step 40: linear-1b2c3d4e: failed (exit code 2: error: --data: no test/ shards)" in out, out
+    assert "evaluations at 1 earlier step(s)" in out and "50.00" not in out
     assert status.main([str(run), "--no-slurm", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["evals"]
-    assert [(r["step"], r["name"], r["metrics"]["top1"]) for r in listed] == [
-        (20, "knn", 50.0),
-        (40, "knn", 66.5),
-        (40, "linear", 77.25),
+    assert [(r["step"], r["name"], r["state"], r["value"]) for r in listed] == [
+        (20, "knn-0a1b2c3d", "done", 50.0),
+        (40, "knn-0a1b2c3d", "done", 66.5),
+        (40, "linear-1b2c3d4e", "failed", None),
     ]
 
 
