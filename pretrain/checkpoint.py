@@ -342,8 +342,23 @@ class CheckpointManager:
         ``wait=False`` (unwinding an error, when a peer may be gone): complete it only if its write has
         already finished, never block. Errors are logged, not raised: this runs during cleanup.
         """
+        pending = self._pending
         try:
             self.finalize(wait=wait)
+        except CheckpointWriteError as e:
+            if wait or pending is None:
+                log.error("%s", e)
+            else:  # the run is already ending on another error: say what became of this save, briefly
+                cause = (
+                    "a collective of the write timed out" if "timed out" in str(e).lower() else "see the log"
+                )
+                log.warning(
+                    "checkpoint %s was not completed (its background write failed too: %s); the restart "
+                    "resumes from %s",
+                    pending.path,
+                    cause,
+                    self.latest(),
+                )
         except Exception as e:
             log.error("%s", e)
         if self._pending is not None:

@@ -59,12 +59,18 @@ class OptimConfig:
     weight_decay_end: float | None = None  # cosine schedule of weight decay to this value (None: constant)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    clip_grad: float | None = None  # max global grad norm; None: no clipping
+    clip_grad: float | None = None  # max grad norm; None: no clipping
+    clip_mode: str = (
+        "global"  # global: one norm over all gradients | per_param: each gradient on its own (DINO)
+    )
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps in the whole run
+    steps_per_epoch: int | None = (
+        None  # for recipes written in epochs; None: manifest samples // global batch
+    )
     global_batch_size: int = 256  # samples per optimizer step over all ranks and micro-batches
     accum_steps: int = 1  # gradient accumulation micro-batches per step
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
@@ -371,6 +377,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         errors.append(f"optim.betas={list(optim.betas)} must be two numbers in [0, 1)")
     if optim.clip_grad is not None and optim.clip_grad <= 0:
         errors.append(f"optim.clip_grad={optim.clip_grad} must be > 0 or null")
+    _choice(errors, "optim.clip_mode", optim.clip_mode, ("global", "per_param"))
+    if train.steps_per_epoch is not None and train.steps_per_epoch < 1:
+        errors.append(f"train.steps_per_epoch={train.steps_per_epoch} must be >= 1 or null")
     _validate_model(cfg.model, errors)
     _validate_data(cfg.data, errors)
     init_from = cfg.init["from"]

@@ -119,6 +119,36 @@ def run(cfg: Any) -> int:
             lock.release()
 
 
+def steps_per_epoch(cfg: Any) -> int | None:
+    """``train.steps_per_epoch``, else the shard manifest's sample count // global batch (None: unknown)."""
+    if cfg.train.steps_per_epoch:
+        return int(cfg.train.steps_per_epoch)
+    if cfg.data.backend == "synthetic":
+        return None
+    from data_pipelines.wds import resolve_shards
+
+    manifest = resolve_shards(cfg.data.shards).manifest or {}
+    samples = manifest.get("num_samples")
+    if not isinstance(samples, int) or samples <= 0:
+        return None
+    return max(1, samples // int(cfg.train.global_batch_size))
+
+
+def make_run_info(cfg: Any, env: Any) -> Any:
+    """The run's facts as methods see them (:class:`pretrain.methods.context.RunInfo`)."""
+    from pretrain.methods.context import RunInfo
+
+    return RunInfo(
+        total_steps=int(cfg.train.steps),
+        steps_per_epoch=steps_per_epoch(cfg),
+        global_batch_size=int(cfg.train.global_batch_size),
+        accum_steps=int(cfg.train.accum_steps),
+        world_size=env.world_size,
+        rank=env.rank,
+        seed=int(cfg.run.seed),
+    )
+
+
 def visual_batch(cfg: Any, views: list[Any]) -> dict[str, Any] | None:
     """The fixed batch a method visualises (``train.visualize_every``), the same on every rank.
 
@@ -150,7 +180,7 @@ def visual_batch(cfg: Any, views: list[Any]) -> dict[str, Any] | None:
 def _run_owned(cfg: Any, env: Any, run_dir: Path) -> int:
     from data_pipelines.loader import build_loader
     from pretrain.checkpoint import CheckpointManager
-    from pretrain.config import micro_batch_size, write_run_config
+    from pretrain.config import ConfigError, micro_batch_size, write_run_config
     from pretrain.distributed import barrier
     from pretrain.engines import build_engine
     from pretrain.methods import build_method
@@ -176,6 +206,11 @@ def _run_owned(cfg: Any, env: Any, run_dir: Path) -> int:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     method = build_method(cfg)
+    run_info = make_run_info(cfg, env)
+    try:
+        method.configure(run_info)
+    except ValueError as e:  # a recipe this run cannot follow (e.g. epochs without an epoch length)
+        raise ConfigError(f"method.name={cfg.method.name}: {e}") from None
     init_report = None
     if cfg.init["from"]:
         if latest is None:
@@ -247,7 +282,9 @@ def _run_owned(cfg: Any, env: Any, run_dir: Path) -> int:
             start_step,
             cfg.train.steps,
         )
-    trainer = Trainer(cfg, env, engine, iter(loader), checkpoints, writer, visual_batch(cfg, method.views()))
+    trainer = Trainer(
+        cfg, env, engine, iter(loader), checkpoints, writer, run_info, visual_batch(cfg, method.views())
+    )
     finished_cleanly = False
     try:
         result = trainer.fit(start_step)

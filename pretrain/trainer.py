@@ -8,6 +8,7 @@ checkpoints and exports. Apart from log steps nothing on the hot path waits for 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pretrain.checkpoint import CheckpointManager, SaveRecord
 from pretrain.config import micro_batch_size, peak_lr
 from pretrain.distributed import DistEnv, agree_each, all_reduce_mean
 from pretrain.engines.base import Engine
+from pretrain.methods.context import Collectives, RunInfo, StepContext
 from pretrain.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gib
 from pretrain.randomness import BatchRandom, derive_seed
 from pretrain.schedules import cosine, warmup_cosine
@@ -50,6 +52,7 @@ class Trainer:
         loader: Iterator[dict[str, Any]],
         checkpoints: CheckpointManager,
         writer: MetricsWriter,
+        run_info: RunInfo,
         visual_batch: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.env, self.engine, self.loader = cfg, env, engine, loader
@@ -67,6 +70,8 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, cfg.metrics.peak_tflops)
         self._first_bad = torch.full((), _NO_BAD_STEP, dtype=torch.long, device=self.device)
         self.step = 0  # optimizer steps completed (the loop's position, for error messages)
+        self.run_info = run_info
+        self.collectives = Collectives(env.world_size)
         checkpoints.on_complete = self._on_checkpoint
 
     # ---- schedules ---------------------------------------------------------------------------
@@ -82,10 +87,20 @@ class Trainer:
 
     def _apply_schedules(self, step: int) -> tuple[float, float]:
         lr, wd = self.lr_at(step), self.weight_decay_at(step)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-            group["weight_decay"] = wd * group.get("wd_scale", 1.0)
+        scales = self.method.group_scales(step) or self.engine.static_scales
+        groups = self.engine.optimizer.param_groups
+        if len(scales) != len(groups):
+            raise RuntimeError(
+                f"{type(self.method).__name__}.group_scales gave {len(scales)} pairs for {len(groups)} groups"
+            )
+        for group, (lr_scale, wd_scale) in zip(groups, scales):
+            group["lr"] = lr * lr_scale
+            group["weight_decay"] = wd * wd_scale
         return lr, wd
+
+    def context(self, step: int, micro: int, rng: BatchRandom) -> StepContext:
+        """What the method sees of micro-batch ``micro`` of ``step``."""
+        return StepContext(step, micro, self.accum, rng, self.run_info, self.collectives, self.engine)
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, start_step: int) -> TrainResult:
@@ -101,20 +116,31 @@ class Trainer:
             torch.manual_seed(derive_seed(cfg.run.seed, step, env.rank, 1))
             for micro in range(self.accum):
                 t0 = time.perf_counter()
-                batch = next(self.loader)
+                try:
+                    batch = next(self.loader)
+                except Exception:
+                    # The job stops on a data error: keep what this interval counted (no collective here).
+                    self.writer.scalars(step, {"data/corrupt": float(interval.corrupt)})
+                    raise
                 interval.data_wait += time.perf_counter() - t0
                 interval.corrupt += int(batch.get("num_corrupt", 0))
                 batch = _to_device(batch, self.device)
                 offset = (micro * env.world_size + env.rank) * self.micro_bs
-                rng = BatchRandom(cfg.run.seed, step, offset, self.global_bs, self.device)
+                ctx = self.context(
+                    step, micro, BatchRandom(cfg.run.seed, step, offset, self.global_bs, self.device)
+                )
                 self.engine.set_grad_sync(micro == self.accum - 1)
                 with self.engine.autocast():
-                    out = self.model(batch, step, rng)
+                    out = self.model(batch, ctx)
                 loss = out["loss"]
                 self.engine.backward(loss / self.accum)
                 interval.add(out)
-            last_grad_norm = self.engine.step(cfg.optim.clip_grad)
-            self.method.after_optimizer_step(step)
+            last_grad_norm = self.engine.step(
+                cfg.optim.clip_grad,
+                cfg.optim.clip_mode,
+                functools.partial(self.method.before_optimizer_step, ctx),
+            )
+            self.method.after_optimizer_step(ctx)
             bad = ~torch.isfinite(interval.loss_sum) | ~torch.isfinite(
                 last_grad_norm
             )  # NaN is sticky in the sum
@@ -155,10 +181,10 @@ class Trainer:
         """The method's images of the fixed batch (same masks every time: a fixed seed), on every rank."""
         assert self.visual_batch is not None
         n = self.visual_batch["images"][0].shape[0]
-        rng = BatchRandom(self.cfg.run.seed, -1, 0, n, self.device)
+        ctx = self.context(step, 0, BatchRandom(self.cfg.run.seed, -1, 0, n, self.device))
         self.model.eval()
         with torch.no_grad(), self.engine.autocast():
-            images = self.model.visualize(self.visual_batch, rng)
+            images = self.model.visualize(self.visual_batch, ctx)
         self.model.train()
         if self.env.is_main:
             self.writer.images(step, {k: v.detach().float().cpu() for k, v in images.items()})
@@ -182,6 +208,7 @@ class Trainer:
                 "batches_consumed": step * self.accum,  # the loader position: a function of the step
                 "world_size": self.env.world_size,
                 "num_workers": int(self.cfg.data.num_workers),
+                "mix_shards": int(self.cfg.data.mix_shards),
                 "seed": int(self.cfg.run.seed),
             },
         }
@@ -206,8 +233,9 @@ class Trainer:
     def _log(self, step: int, iv: _Interval, lr: float, wd: float, grad_norm: torch.Tensor) -> None:
         loss_mean = iv.loss_sum / max(iv.micro_batches, 1)
         extra_keys = sorted(iv.extra)
+        corrupt = torch.tensor(float(iv.corrupt), device=loss_mean.device)
         reduced = all_reduce_mean(
-            [loss_mean, grad_norm, *[iv.extra[k] / iv.micro_batches for k in extra_keys]], self.env
+            [loss_mean, grad_norm, corrupt, *[iv.extra[k] / iv.micro_batches for k in extra_keys]], self.env
         )
         elapsed = time.perf_counter() - iv.t0
         images = iv.steps * self.global_bs
@@ -221,12 +249,12 @@ class Trainer:
             "perf/data_wait_frac": iv.data_wait / elapsed,
             "perf/memory_gib": peak_memory_gib(self.device),
             "perf/flops_per_s": self.flops_per_sample * images / elapsed,
-            "data/corrupt": float(iv.corrupt),
+            "data/corrupt": round(float(reduced[2]) * self.env.world_size),  # summed over ranks
             "perf/eta_s": (self.total_steps - step) * elapsed / max(iv.steps, 1),
         }
         if self.peak_flops:
             values["perf/mfu"] = values["perf/flops_per_s"] / (self.peak_flops * self.env.world_size)
-        for k, v in zip(extra_keys, reduced[2:]):
+        for k, v in zip(extra_keys, reduced[3:]):
             values[f"train/{k}"] = float(v)
         if self.env.is_main:
             log.info(format_line(step, self.total_steps, values))
@@ -245,12 +273,18 @@ class _Interval:
         self.loss_sum = torch.zeros(())
         self.extra: dict[str, torch.Tensor] = {}
 
-    def add(self, out: dict[str, torch.Tensor]) -> None:
-        self.loss_sum = self.loss_sum.to(out["loss"].device) + out["loss"].detach().float()
+    def add(self, out: dict[str, Any]) -> None:
+        device = out["loss"].device
+        self.loss_sum = self.loss_sum.to(device) + out["loss"].detach().float()
         self.micro_batches += 1
-        for k, v in out.items():
+        for k, v in out.items():  # tensors stay on the device; floats (a schedule's value) become tensors
             if k != "loss":
-                self.extra[k] = self.extra.get(k, 0.0) + v.detach().float()
+                value = (
+                    v.detach().float()
+                    if isinstance(v, torch.Tensor)
+                    else torch.tensor(float(v), device=device)
+                )
+                self.extra[k] = self.extra.get(k, 0.0) + value
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from pretrain.config import load_config
 from pretrain.init_weights import InitWeightsError, load_initial_weights
 from pretrain.methods import build_method
+from pretrain.methods.context import StepContext
 from pretrain.randomness import BatchRandom
 from tests.components import require_module
 from tests.conftest import TINY_MAE, run_cmd, train_cmd
@@ -159,7 +160,9 @@ def test_size_mismatch_and_unsafe_pickles_are_refused(tmp_path: Path):
 def test_mae_pictures_show_the_visible_patches_unchanged():
     method = _mae().eval()
     imgs = torch.randn(4, 3, 28, 28)
-    out = method.visualize({"images": [imgs]}, BatchRandom(0, -1, 0, 4, torch.device("cpu")))
+    out = method.visualize(
+        {"images": [imgs]}, StepContext.local(BatchRandom(0, -1, 0, 4, torch.device("cpu")))
+    )
     assert sorted(out) == [
         "mae/masked",
         "mae/original",

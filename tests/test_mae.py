@@ -9,6 +9,7 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.methods import build_method
+from pretrain.methods.context import StepContext
 from pretrain.methods.mae import mae_loss, num_masked_patches, patchify, random_masking
 from pretrain.randomness import BatchRandom
 from tests.conftest import TINY_MAE
@@ -117,7 +118,7 @@ def test_forward_and_encoder_sees_visible_tokens_only():
 
     handle = blk.register_forward_hook(hook)
     imgs = torch.randn(4, 3, 28, 28)
-    out = mae({"images": [imgs]}, 0, BatchRandom(0, 0, 0, 4, torch.device("cpu")))
+    out = mae({"images": [imgs]}, StepContext.local(BatchRandom(0, 0, 0, 4, torch.device("cpu"))))
     handle.remove()
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     keep = 49 - round(0.75 * 49)
@@ -153,7 +154,7 @@ def test_flops_per_sample_matches_flop_counter():
     counter = FlopCounterMode(display=False)
     # the math backend, because FlopCounterMode has no formula for the CPU flash-attention kernel
     with counter, sdpa_kernel(SDPBackend.MATH):
-        out = mae({"images": [imgs]}, 0, BatchRandom(0, 0, 0, 2, torch.device("cpu")))
+        out = mae({"images": [imgs]}, StepContext.local(BatchRandom(0, 0, 0, 2, torch.device("cpu"))))
         out["loss"].backward()
     measured = counter.get_total_flops() / 2
     assert mae.flops_per_sample() == pytest.approx(measured, rel=0.02)

@@ -207,3 +207,31 @@ def test_no_export_is_written_from_non_finite_weights(tmp_path: Path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "non-finite loss or gradient norm at step 1" in proc.stdout
     assert not list((tmp_path / "nanexp" / "exports").glob("step_*")), "nothing exported after the bad step"
+
+
+# ---- data/corrupt ---------------------------------------------------------------------------------
+@pytest.mark.multiproc
+def test_corrupt_samples_of_every_rank_reach_tensorboard(tmp_path: Path):
+    """All planted corrupt samples sit in rank 1's shards: rank 0 alone writes TensorBoard, so the
+    count must be summed over ranks (it showed 0 when only rank 0's own count was logged)."""
+    from tests.test_data_loader import _corrupt_set
+
+    planted = _corrupt_set(tmp_path / "c")  # 4 shards x 100 samples; corrupt ones in shards 1 and 3
+    args = [
+        f"run.root={tmp_path}",
+        "run.name=corrupt",
+        f"data.shards={tmp_path / 'c'}",
+        "data.num_workers=1",  # 2 slots: rank 0 owns shards 0 and 2, rank 1 shards 1 and 3
+        "data.max_corrupt_fraction=0.05",
+        "train.global_batch_size=8",
+        "train.steps=50",  # exactly one pass over each rank's 200 samples
+        "train.log_every=25",
+        "train.ckpt_every=1000",
+    ]
+    run_cmd(train_cmd(2, *args), timeout=300)
+    counts = [
+        json.loads(x)["data/corrupt"]
+        for x in (tmp_path / "corrupt" / "metrics.jsonl").read_text().splitlines()
+        if "data/corrupt" in x
+    ]
+    assert len(counts) == 2 and sum(counts) == len(planted), counts

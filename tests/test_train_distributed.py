@@ -266,7 +266,8 @@ def test_malicious_checkpoint_is_refused(tmp_path: Path):
     import pickle
 
     (ckpt / ".metadata").write_bytes(pickle.dumps(Evil()))
-    proc = run_cmd(train_cmd(1, *common(tmp_path, "m", *args, "train.steps=4")), check=False)
+    extend = ["train.steps=4", "resume.allow_config_change=true"]  # a resume that must read the checkpoint
+    proc = run_cmd(train_cmd(1, *common(tmp_path, "m", *args, *extend)), check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "refusing to unpickle 'posix.system'" in proc.stdout + proc.stderr
     assert not marker.exists(), "the pickled payload ran"

@@ -1,9 +1,10 @@
-"""The small interface every engine implements, and what they share (precision, optimizer, clipping)."""
+"""The small interface every engine implements, and what they share (precision, optimizer, clipping,
+parameter operations for methods)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -18,13 +19,17 @@ from torch.distributed.tensor import DTensor
 
 from pretrain.distributed import DistEnv
 from pretrain.methods.base import Method
+from pretrain.methods.context import ema_update_
+from pretrain.precision import PrecisionPolicy, resolve_precision
+
+__all__ = ["CLIP_MODES", "Engine", "resolve_precision"]
+
+CLIP_MODES = ("global", "per_param")
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on CUDA and fp32 elsewhere (CPU bf16 is slow and not what tests compare)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this rank holds (a DTensor's local shard; a plain tensor itself)."""
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 class Engine:
@@ -37,10 +42,12 @@ class Engine:
     def __init__(self, cfg: Any, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         self.device = env.device
-        self.dtype = resolve_precision(cfg.train.precision, env.device)
+        self.precision = PrecisionPolicy.from_config(cfg.train.precision, env.device)
+        self.dtype = self.precision.compute_dtype
         self.model: nn.Module
         self.method: Method
         self.optimizer: torch.optim.Optimizer
+        self.static_scales: list[tuple[float, float]] = []
 
     # ---- set-up ------------------------------------------------------------------------------
     def setup(self, method: Method) -> None:
@@ -50,6 +57,8 @@ class Engine:
                 unit.compile()
         self.model = self.wrap(method)
         groups = method.param_groups(self.cfg.optim.weight_decay)
+        # The method's multipliers, kept here: a checkpoint load rebuilds the optimizer's group dicts.
+        self.static_scales = [(float(g.get("lr_scale", 1.0)), float(g.get("wd_scale", 1.0))) for g in groups]
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             groups,
@@ -65,7 +74,8 @@ class Engine:
 
     # ---- step ------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+        """The forward pass's compute region under the run's precision policy (same for every engine)."""
+        return self.precision.autocast()
 
     def set_grad_sync(self, enabled: bool) -> None:
         """Whether the next backward reduces gradients across ranks (off for non-final micro-batches)."""
@@ -76,8 +86,20 @@ class Engine:
     def params_with_grad(self) -> Iterator[torch.Tensor]:
         return (p for p in self.model.parameters() if p.grad is not None)
 
-    def step(self, max_norm: float | None) -> torch.Tensor:
-        """Clip (if ``max_norm``), step the optimizer, zero grads; return the pre-clip global grad norm.
+    def step(
+        self,
+        max_norm: float | None,
+        clip_mode: str = "global",
+        before_update: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """Clip, run ``before_update``, step the optimizer, zero grads; return the pre-clip global norm.
+
+        Args:
+            max_norm: clipping threshold (None: no clipping).
+            clip_mode: ``global`` (one norm over all gradients, scaled together) or ``per_param``
+                (each parameter's gradient scaled to at most ``max_norm`` on its own: DINO's
+                ``clip_gradients``, ``g *= min(1, max_norm / (||g|| + 1e-6))``).
+            before_update: the method's hook between backward/clipping and the update.
 
         Stays on the device: no host synchronisation.
         """
@@ -87,10 +109,39 @@ class Engine:
         if isinstance(total, DTensor):  # FSDP2: partial norms of the shards -> the global norm
             total = total.full_tensor()
         if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+            if clip_mode == "global":
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+            elif clip_mode == "per_param":
+                self._clip_per_param(grads, max_norm)
+            else:
+                raise ValueError(f"clip_mode={clip_mode!r}: valid modes are {', '.join(CLIP_MODES)}")
+        if before_update is not None:
+            before_update()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _clip_per_param(self, grads: list[torch.Tensor], max_norm: float) -> None:
+        """Scale each gradient to norm <= ``max_norm`` (its full norm, summed over shards in one all-reduce)."""
+        if not grads:
+            return
+        local = [_local(g) for g in grads]
+        squares = torch.stack([n.float() ** 2 for n in torch._foreach_norm(local)])
+        sharded = next((g for g in grads if isinstance(g, DTensor)), None)
+        if sharded is not None and self.env.distributed:
+            torch.distributed.all_reduce(squares, group=sharded.device_mesh.get_group())
+        coef = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)  # exactly 1.0 where DINO skips the scaling
+        for g, c in zip(local, coef.unbind()):
+            g.mul_(c.to(g.dtype))
+
+    # ---- parameter operations methods ask for (pretrain.methods.context.ParamOps) ----------------
+    def ema_(self, targets: list[torch.Tensor], sources: list[torch.Tensor], momentum: float) -> None:
+        """``target <- momentum * target + (1 - momentum) * source`` on each rank's own shards.
+
+        Teacher and student are sharded identically (the same units, the same mesh), so every rank
+        updates exactly the slices it holds: no communication.
+        """
+        ema_update_([_local(x) for x in targets], [_local(x) for x in sources], momentum)
 
     # ---- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """FSDP2 engine: ``fully_shard`` each transformer block, then the root (torch.distributed.fsdp).
 
-Parameters are sharded over all ranks as DTensors; with bf16 the mixed-precision policy gathers
-and computes in bf16 while keeping fp32 master weights, optimizer state and gradient reduction
-(``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``).
+Parameters are sharded over all ranks as DTensors; with bf16 the parameters are gathered in bf16
+while master weights, optimizer state and gradient reduction stay fp32
+(``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``). Inputs are not cast
+(``cast_forward_inputs=False``) and the forward runs under the same autocast as the single engine
+(``pretrain.precision``), so a method sees the same dtypes under both engines.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ class FSDP2Engine(Engine):
     def wrap(self, method: Method) -> nn.Module:
         method.to(self.device)
         mesh = init_device_mesh(self.device.type, (self.env.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(
+            param_dtype=self.dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
         reshard = bool(self.cfg.engine.reshard_after_forward)
         for unit in method.shard_units():
             fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)

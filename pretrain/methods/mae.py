@@ -19,6 +19,7 @@ from torch import nn
 from data_pipelines.augment import ViewSpec, mae_views
 from pretrain.methods import register_method
 from pretrain.methods.base import Method, MethodConfigBase
+from pretrain.methods.context import StepContext
 from pretrain.models import Block, create_vit
 from pretrain.models.flops import transformer_block_flops
 from pretrain.models.pos_embed import get_2d_sincos_pos_embed
@@ -197,9 +198,9 @@ class MAE(Method):
     def shard_units(self) -> list[nn.Module]:
         return [*self.encoder.blocks, *self.decoder_blocks]
 
-    def forward(self, batch: dict[str, Any], step: int, rng: BatchRandom) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor | float]:
         imgs = batch["images"][0]  # [B, C, H, W], normalized
-        pred, mask, target = self._reconstruct(imgs, rng)
+        pred, mask, target = self._reconstruct(imgs, ctx.rng)
         loss = mae_loss(pred, target, mask, self.norm_pix_loss)
         return {"loss": loss}
 
@@ -232,11 +233,11 @@ class MAE(Method):
         return pred, mask, target
 
     @torch.no_grad()
-    def visualize(self, batch: dict[str, Any], rng: BatchRandom) -> dict[str, torch.Tensor]:
+    def visualize(self, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         """The paper's Figure 2 for a fixed batch: original, masked input, reconstruction, and the
         reconstruction with the visible patches pasted back (as the authors' demo notebook shows it)."""
         imgs = batch["images"][0]
-        pred, mask, target = self._reconstruct(imgs, rng)
+        pred, mask, target = self._reconstruct(imgs, ctx.rng)
         pred = pred.float()
         if self.norm_pix_loss:  # the decoder predicts normalized patches: undo with the input's statistics
             mean = target.mean(dim=-1, keepdim=True)

@@ -28,9 +28,9 @@ class NaNConfig(MAEConfig):
 
 @register_method("mae_nan_test", config=NaNConfig)
 class MAEWithNaN(MAE):
-    def forward(self, batch, step, rng):
-        out = super().forward(batch, step, rng)
-        if step == BAD_STEP and int(os.environ.get("RANK", "0")) == BAD_RANK:
+    def forward(self, batch, ctx):
+        out = super().forward(batch, ctx)
+        if ctx.step == BAD_STEP and int(os.environ.get("RANK", "0")) == BAD_RANK:
             out["loss"] = out["loss"] * torch.tensor(float("nan"))
         return out
 
