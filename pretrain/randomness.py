@@ -8,15 +8,11 @@ so they do not depend on the world size either.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
+from data_pipelines.seeds import derive_seed
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, well mixed (blake2b), stable across Python runs and machines."""
-    data = b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+__all__ = ["BatchRandom", "derive_seed"]
 
 
 class BatchRandom:
