@@ -325,3 +325,47 @@ def test_watcher_rejects_unknown_protocol(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "run").mkdir()
     assert watch.main([str(tmp_path / "run"), "--protocol", "knn,lineer", "--once"]) == 2
     assert "did you mean 'linear'" in capsys.readouterr().err
+
+
+@pytest.mark.slurm
+@pytest.mark.multiproc
+def test_watch_submits_to_the_real_cluster(
+    slurm_cluster: object, tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--submit --cluster local`` on the real single-machine cluster: a request it cannot satisfy is one
+    line (exit 2), the profile's request runs and writes the result the watcher named, and a second pass
+    submits nothing."""
+    run = tmp_path / "run"
+    tiny_export(run / "exports" / "step_00000010", 10)
+    argv = [str(run), "--protocol", "knn", "--data", str(tiny_data), "--once", "--submit", "--cluster", "local",
+            "knn.k=[3]", "data.num_workers=0"]  # fmt: skip
+    step_dir = run / "evals" / "step_00000010"
+    assert watch.main([*argv, "--cpus-per-task", "64"]) == 2  # the nodes have 2 CPUs
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "sbatch refused the evaluation job (partition debug, 64 CPU(s)" in lines[0], (
+        err
+    )
+    assert "Traceback" not in err and not list(step_dir.glob("*.submitted.json"))
+
+    assert watch.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (marker,) = step_dir.glob("knn-*.submitted.json")
+    job_id = json.loads(marker.read_text())["job_id"]
+    try:
+        slurm_cluster.wait_state(job_id, "COMPLETED", timeout=300)  # type: ignore[attr-defined]
+    finally:
+        slurm_cluster.run(["scancel", job_id], check=False, timeout=30)  # type: ignore[attr-defined]
+    stem = marker.name.removesuffix(".submitted.json")
+    assert summary["evaluated"] == [f"step_00000010/{stem}"]
+    result = json.loads((step_dir / f"{stem}.json").read_text())  # the file the watcher named
+    assert result["settings"]["knn"]["k"] == [3] and result["checkpoint"]["step"] == 10
+    script = (run / "slurm" / "evals" / job_id / f"{job_id}_submission.sh").read_text()
+    for line in ("#SBATCH --partition=debug", "#SBATCH --cpus-per-task=1", "#SBATCH --time=10",
+                 "export OMP_NUM_THREADS=1"):  # fmt: skip
+        assert line in script, script
+    assert "--mem" not in script and "--gpus" not in script
+    (entry,) = list_results(run)
+    assert entry.state == "done" and entry.name == stem  # the result replaces the submitted record
+    assert watch.main(argv) == 0  # handled: nothing submitted again
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["evaluated"] == []
