@@ -60,18 +60,30 @@ def _setup_logging(rank: int) -> None:
     )
 
 
-class CollectiveTimeoutError(RuntimeError):
-    """A collective did not complete within ``engine.timeout_s``: a peer rank stalled or died."""
+class CollectiveError(RuntimeError):
+    """A collective failed because a peer rank stalled (timeout) or died (its connection closed)."""
 
 
-def is_collective_timeout(exc: BaseException) -> bool:
-    """Whether ``exc`` is a process-group operation that ran into its timeout (gloo or NCCL)."""
+_PEER_LOST = re.compile(
+    r"connection (reset|closed) by peer|broken pipe|remote process exited|socket closed|"
+    r"ncclRemoteError|NCCL communicator was aborted",
+    re.IGNORECASE,
+)
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """``"timeout"`` or ``"peer lost"`` when ``exc`` is a process-group operation that failed because of
+    another rank (gloo or NCCL), else None."""
     if not isinstance(exc, RuntimeError):
-        return False
+        return None
     text = str(exc)
-    return bool(re.search(r"timed out|timeout", text, re.IGNORECASE)) and bool(
-        re.search(r"gloo|nccl|recv|send|collective|all_?reduce|barrier|Work", text, re.IGNORECASE)
-    )
+    if not re.search(r"gloo|nccl|recv|send|collective|all_?reduce|all_?gather|barrier|Work|c10d", text, re.I):
+        return None
+    if re.search(r"timed out|timeout", text, re.IGNORECASE):
+        return "timeout"
+    if _PEER_LOST.search(text):
+        return "peer lost"
+    return None
 
 
 def _agree_or_raise(env: Any, error: BaseException | None, what: str) -> None:
@@ -290,15 +302,20 @@ def _run_owned(cfg: Any, env: Any, run_dir: Path) -> int:
         result = trainer.fit(start_step)
         finished_cleanly = True
     except RuntimeError as e:
-        if not is_collective_timeout(e):
+        kind = collective_failure(e)
+        if kind is None:
             raise
-        log.debug("collective timeout", exc_info=e)
+        log.debug("collective failure", exc_info=e)
         latest = checkpoints.latest()
-        raise CollectiveTimeoutError(
-            f"a collective operation timed out after engine.timeout_s={cfg.engine.timeout_s} s during step "
-            f"{trainer.step + 1}: another rank stalled or died (its log says why). The last complete "
-            f"checkpoint is {latest or 'none (the run restarts from step 0)'}; run the same command to "
-            "resume from it."
+        what = (
+            f"a collective operation timed out after engine.timeout_s={cfg.engine.timeout_s} s"
+            if kind == "timeout"
+            else "a collective operation lost its connection to another rank"
+        )
+        raise CollectiveError(
+            f"{what} during step {trainer.step + 1}: another rank stalled or died (its log says why). The "
+            f"last complete checkpoint is {latest or 'none (the run restarts from step 0)'}; run the same "
+            "command to resume from it."
         ) from None
     finally:
         # After an error a peer may be gone: complete a background save only if its write is done.
@@ -338,7 +355,7 @@ def failure_errors() -> tuple[type[BaseException], ...]:
     from pretrain.checkpoint import CheckpointWriteError
     from pretrain.trainer import NonFiniteLossError
 
-    return (NonFiniteLossError, CheckpointWriteError, CollectiveTimeoutError)
+    return (NonFiniteLossError, CheckpointWriteError, CollectiveError)
 
 
 def main(argv: list[str] | None = None) -> int:
