@@ -129,15 +129,15 @@ def test_pretrained_beats_random_init_linear(
     print(f"linear top-1: MAE {mae['metrics']['top1']:.2f} vs random init {rnd['metrics']['top1']:.2f}")
     assert mae["metrics"]["top1"] > rnd["metrics"]["top1"] + 3.0
     actual = mae["details"]["actual"]
+    assert mae["settings"]["linear"]["optimizer"] == "lars" and actual["batch_size"] == actual["num_train"]
     assert (
-        mae["settings"]["linear"]["optimizer"] == "lars"
-        and actual["batch_size"] == actual["num_train"] == 1800
-    )
-    assert 0.1 in actual["blr_grid"] and actual["blr"] in actual["blr_grid"] and actual["num_val"] == 200
+        actual["num_train"] + actual["num_val"] == 2000 and 190 <= actual["num_val"] <= 210
+    )  # 10 % held out
+    assert 0.1 in actual["blr_grid"] and actual["blr"] in actual["blr_grid"]
     assert [g["blr"] for g in mae["details"]["grid"]] == actual["blr_grid"]
     assert all("val_top1" in g for g in mae["details"]["grid"]) and "val_top1" in mae["metrics"]
     assert mae["info"]["feature_cache"]["train"]["hit"]  # the k-NN run's features were reused
-    # evals.report: one row per result, beside the published number of the same method and protocol
+    # evals.report: one row per result; compared with the random-init row of the same recipe only
     run_dir = pretrained.resolve().parent.parent
     assert evals_report.main([str(run_dir), "--json", str(run_dir / "report.json")]) == 0
     table = capsys.readouterr().out
@@ -217,7 +217,7 @@ def test_linear_defaults_with_one_percent_of_the_demo_labels(
     mae = _run(*argv)
     rnd = _run(*argv, "--baseline", "random")
     print(f"linear, 1 % labels: MAE {mae['metrics']['top1']:.2f} vs random init {rnd['metrics']['top1']:.2f}")
-    assert mae["labels_subset"]["num_samples"] == 100 and mae["recipe"]["id"] == rnd["recipe"]["id"]
+    assert 95 <= mae["labels_subset"]["num_samples"] <= 105 and mae["recipe"]["id"] == rnd["recipe"]["id"]
     assert mae["metrics"]["top1"] > 35.0 and mae["metrics"]["top1"] > rnd["metrics"]["top1"] + 3.0
 
 
