@@ -340,12 +340,13 @@ def test_watch_submits_to_the_real_cluster(
     argv = [str(run), "--protocol", "knn", "--data", str(tiny_data), "--once", "--submit", "--cluster", "local",
             "knn.k=[3]", "data.num_workers=0"]  # fmt: skip
     step_dir = run / "evals" / "step_00000010"
-    assert watch.main([*argv, "--cpus-per-task", "64"]) == 2  # the nodes have 2 CPUs
+    assert watch.main([*argv, "--partition", "nosuch"]) == 2  # a partition the cluster does not have
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "sbatch refused the evaluation job (partition debug, 64 CPU(s)" in lines[0], (
+    assert len(lines) == 1 and "sbatch refused the evaluation job (partition nosuch, 1 CPU(s)" in lines[0], (
         err
     )
+    assert "invalid partition" in lines[0].lower(), err  # SLURM's own reason
     assert "Traceback" not in err and not list(step_dir.glob("*.submitted.json"))
 
     assert watch.main(argv) == 0
