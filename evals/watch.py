@@ -61,7 +61,7 @@ from evals.export import STEP_DIR, is_complete_export, list_complete_exports
 from evals.results import ResultKey, results_dir, setup_logging, write_json_atomic
 from evals.run import identify_data, resolve_data_specs, result_key
 from evals.submit import (
-    EvalCommand,  # noqa: F401  (the job callable; kept importable from here)
+    EvalCommand,  # noqa: F401  (jobs pickled by earlier versions name evals.watch.EvalCommand)
     SlurmUnavailableError,
     describe_request,
     eval_executor,
