@@ -55,8 +55,6 @@ data: $(SHARDS)/train/manifest.json $(SHARDS)/test/manifest.json
 EVAL_DATA := data/fmnist_eval
 DEMO_RUN := runs/mae_tiny_fmnist
 DEMO_EXPORT := $(DEMO_RUN)/exports/latest
-# LARS moves the head ~ epochs x N x blr: MAE's blr 0.1 assumes 1.28 M images; 10k images need blr 10
-DEMO_LINEAR := linear.batch_size=1024 linear.blr=10
 
 $(EVAL_DATA)/train/manifest.json: | install system-deps
 	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(EVAL_DATA)/train --split train --limit 10000 --shard-size 2000 --image-format pnm
@@ -68,8 +66,8 @@ demo: install system-deps data $(EVAL_DATA)/train/manifest.json $(EVAL_DATA)/tes
 	$(BIN)/python -m pretrain.train --config configs/mae/tiny_fmnist.yaml
 	$(BIN)/python -m evals.run --checkpoint $(DEMO_EXPORT) --protocol knn --data $(EVAL_DATA)
 	$(BIN)/python -m evals.run --checkpoint $(DEMO_EXPORT) --protocol knn --data $(EVAL_DATA) --baseline random
-	$(BIN)/python -m evals.run --checkpoint $(DEMO_EXPORT) --protocol linear --data $(EVAL_DATA) $(DEMO_LINEAR)
-	$(BIN)/python -m evals.run --checkpoint $(DEMO_EXPORT) --protocol linear --data $(EVAL_DATA) --baseline random $(DEMO_LINEAR)
+	$(BIN)/python -m evals.run --checkpoint $(DEMO_EXPORT) --protocol linear --data $(EVAL_DATA)
+	$(BIN)/python -m evals.run --checkpoint $(DEMO_EXPORT) --protocol linear --data $(EVAL_DATA) --baseline random
 	$(BIN)/python -m evals.report $(DEMO_RUN)
 
 test: install system-deps

@@ -145,6 +145,23 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+def _drop_state_never_saved(state: dict[str, Any], metadata: Metadata) -> None:
+    """Remove from the load template the optimizer state of parameters the checkpoint has none for.
+
+    AdamW creates a parameter's state at its first update. A parameter whose gradient a method cancels
+    for a while (DINO's ``cancel_gradients_last_layer``, SwAV's frozen prototypes) has none in a
+    checkpoint taken meanwhile, but DCP's load template (``get_state_dict``) has it for every trainable
+    parameter: left there, the load fails with "Missing key"; zero-filled, the resumed run's first update
+    of that parameter would differ (Adam's step count). Removed, the parameter starts fresh after the
+    resume exactly as it would have without the interruption.
+    """
+    saved = metadata.state_dict_metadata
+    optim_state = state["optim"]["state"]
+    for fqn in list(optim_state):
+        if not any(f"optim.state.{fqn}.{key}" in saved for key in optim_state[fqn]):
+            del optim_state[fqn]
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -419,10 +436,12 @@ class CheckpointManager:
         if not (path / COMPLETE).is_file():
             raise CheckpointError(f"{path}: no {COMPLETE} marker: an interrupted save, not a checkpoint")
         state = engine.state_dict()
+        reader = SafeFileSystemReader(path)
         try:
+            _drop_state_never_saved(state, reader.read_metadata())
             dcp.load(
                 state,
-                storage_reader=SafeFileSystemReader(path),
+                storage_reader=reader,
                 planner=SafeLoadPlanner(),
                 no_dist=not self.env.distributed,
             )

@@ -13,7 +13,8 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
-    set_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor
 
@@ -150,8 +151,16 @@ class Engine:
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        """Load what :meth:`state_dict` returned, filled by a checkpoint.
+
+        The model strictly. The optimizer without its state for parameters that had none when the
+        checkpoint was taken (never updated yet: a method cancelled their gradients, e.g. DINO's last
+        layer during the first epoch); :meth:`CheckpointManager.load` removed exactly those from the
+        template, so they start fresh, as in the uninterrupted run. Every other entry was loaded.
+        """
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(
+            self.model, self.optimizer, state["optim"], options=StateDictOptions(strict=False)
         )
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
