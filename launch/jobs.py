@@ -38,7 +38,6 @@ import hashlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -100,11 +99,9 @@ class PretrainJob:
         # and the job would save nothing before SIGKILL comes KillWait seconds later.
         preemption.install_handlers((usr_sig, signal.SIGTERM))
 
-        from data_pipelines.loader import CorruptDataError, ShardSpecError
-        from pretrain.checkpoint import CheckpointError
-        from pretrain.config import ConfigError, load_config
+        from pretrain.config import load_config
         from pretrain.distributed import exit_process_at_exit, shutdown
-        from pretrain.train import run
+        from pretrain.train import bad_input_errors, failure_errors, run
 
         faulthandler.enable(all_threads=True)  # a native crash prints every thread's Python stack
         os.chdir(self.workdir)
@@ -146,8 +143,12 @@ class PretrainJob:
                 f.flush()
                 cfg = load_config(f.name, [], world_size=dist_env.world_size)
             code = run(cfg)
-        except (ConfigError, CheckpointError, ShardSpecError, CorruptDataError) as e:
+        except bad_input_errors() as e:
             # Bad input (exit code 2 of pretrain.train): a requeue would fail the same way.
+            raise JobFailed(f"{type(e).__name__}: {e}") from None
+        except failure_errors() as e:
+            # A non-finite loss, a failed checkpoint write, a peer that stalled or died: the message says
+            # what happened and from which checkpoint the same command resumes.
             raise JobFailed(f"{type(e).__name__}: {e}") from None
         finally:
             shutdown()
@@ -267,27 +268,6 @@ def gpu_for_rank(visible: str | None, local_rank: int, local_world_size: int) ->
     if len(entries) >= local_world_size and local_rank < len(entries):
         return entries[local_rank]
     return None
-
-
-class EvalJob:
-    """submitit callable: one evaluation protocol on the run's latest export (``evals.run``)."""
-
-    def __init__(self, command: list[str], workdir: str) -> None:
-        self.command = command
-        self.workdir = workdir
-
-    def __call__(self) -> int:
-        print("running:", " ".join(self.command), flush=True)
-        proc = subprocess.run(self.command, cwd=self.workdir, check=False)
-        if proc.returncode != 0:
-            raise JobFailed(f"{' '.join(self.command)} exited with {proc.returncode}")
-        return proc.returncode
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Preempted evals start over: they are pure functions of an export."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(EvalJob(self.command, self.workdir))
 
 
 def eval_command(python: str, checkpoint: str, protocol: str) -> list[str]:

@@ -144,40 +144,6 @@ def slurm_parameters(
     return params
 
 
-def eval_slurm_parameters(
-    profile: ClusterProfile, job_name: str, after_job_id: str | None, repo_root: Path = REPO_ROOT
-) -> dict[str, Any]:
-    """One task (one GPU if the nodes have GPUs); with ``after_job_id``, it starts after that job succeeded.
-
-    ``after_job_id`` None: the run is finished, the eval can start at once.
-    """
-    params: dict[str, Any] = {
-        "job_name": job_name,
-        "nodes": 1,
-        "ntasks_per_node": 1,
-        "cpus_per_task": profile.cpus_per_task,
-        "time": parse_time_minutes(profile.eval_time),
-        "signal_delay_s": min(profile.signal_delay_s, 60),
-        "setup": setup_lines(profile, repo_root),
-        "additional_parameters": {"requeue": True, **profile.sbatch},
-    }
-    if after_job_id is not None:
-        params["dependency"] = f"afterok:{after_job_id}"
-        # If pretraining fails the dependency can never be met: drop the eval instead of leaving it pending.
-        params["additional_parameters"] = {
-            "requeue": True,
-            "kill-on-invalid-dep": "yes",
-            **profile.sbatch,
-        }
-    if profile.gpus_per_node > 0:
-        params["gpus_per_node"] = 1
-    for key in ("partition", "account", "qos", "constraint"):
-        value = getattr(profile, key)
-        if value is not None:
-            params[key] = str(value)
-    return params
-
-
 def setup_lines(profile: ClusterProfile, repo_root: Path = REPO_ROOT) -> list[str]:
     """Shell lines of the batch script before srun: the profile's setup, its env, the code on the path."""
     lines = list(profile.setup)

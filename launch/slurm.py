@@ -371,31 +371,40 @@ def _submit_evals(plan, after: str | None, checkpoint: str, eval_args: str) -> b
 
     Returns True when a submission failed (said on stderr; the other jobs stay submitted).
     """
-    import submitit
-
-    from launch.jobs import EvalJob, eval_command
-    from launch.plan import eval_slurm_parameters
+    from evals.errors import EvalInputError
+    from evals.submit import (
+        SlurmUnavailableError,
+        describe_request,
+        eval_executor,
+        eval_job_parameters,
+        submit_eval,
+    )
+    from launch.jobs import eval_command
 
     cfg, profile = plan.cfg, plan.profile
     folder = plan.run_dir / "slurm"
     workdir = os.getcwd()
     failed = False
     for protocol in plan.evals:
-        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_timeouts)
-        ex.update_parameters(**eval_slurm_parameters(profile, f"{cfg.run.name}-eval-{protocol}", after))
         command = eval_command(sys.executable, checkpoint, protocol) + shlex.split(eval_args)
         try:
-            ejob = ex.submit(EvalJob(command, workdir))
-        except Exception as e:  # pretraining may be submitted: say what failed, keep going
+            params = eval_job_parameters(
+                profile, f"{cfg.run.name}-eval-{protocol}", dependency=f"afterok:{after}" if after else None
+            )
+            job_id = submit_eval(
+                eval_executor(folder, profile, params), command, workdir, describe_request(params)
+            )
+        except (
+            EvalInputError,
+            SlurmUnavailableError,
+        ) as e:  # pretraining may be submitted: say it, keep going
             print(f"error: eval '{protocol}' was not submitted: {e}", file=sys.stderr)
             failed = True
             continue
-        _record(
-            plan.run_dir, job_id=ejob.job_id, kind="eval", protocol=protocol, after=after, command=command
-        )
+        _record(plan.run_dir, job_id=job_id, kind="eval", protocol=protocol, after=after, command=command)
         when = f"starts after {after} succeeds" if after else "submitted"
-        print(f"eval:     job {ejob.job_id} ({protocol}) {when}: {' '.join(command)}")
-        print(f"          logs {folder}/{ejob.job_id}_0_log.out")
+        print(f"eval:     job {job_id} ({protocol}) {when}: {' '.join(command)}")
+        print(f"          logs {folder}/{job_id}_0_log.out")
     return failed
 
 

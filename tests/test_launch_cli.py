@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from evals.submit import eval_job_parameters
 from launch import slurm as cli
 from launch.cluster_profile import ClusterProfile, LaunchError, load_profile, parse_time_minutes
 from launch.local import combine_exit_codes, rank_env
 from launch.plan import (
     estimate,
     eval_protocols,
-    eval_slurm_parameters,
     recipe_for_method,
     sbatch_preview,
 )
@@ -141,7 +141,7 @@ def test_local_profile_cpu_nodes():
 
 def test_eval_parameters_depend_on_pretraining():
     profile = ClusterProfile(partition="gpu", gpus_per_node=8)
-    p = eval_slurm_parameters(profile, "run-eval-knn", "123")
+    p = eval_job_parameters(profile, "run-eval-knn", dependency="afterok:123")
     assert p["dependency"] == "afterok:123" and p["additional_parameters"]["kill-on-invalid-dep"] == "yes"
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"], p["partition"]) == (1, 1, 1, "gpu")
     assert eval_protocols("knn, linear") == ["knn", "linear"]
@@ -521,7 +521,7 @@ def test_eval_on_a_finished_run_plans_only_the_eval_jobs(tmp_path, no_slurm, no_
 
 
 def test_eval_job_without_a_training_job_has_no_dependency():
-    p = eval_slurm_parameters(ClusterProfile(partition="gpu", gpus_per_node=8), "run-eval-knn", None)
+    p = eval_job_parameters(ClusterProfile(partition="gpu", gpus_per_node=8), "run-eval-knn")
     assert "dependency" not in p and "kill-on-invalid-dep" not in p["additional_parameters"]
     assert (p["nodes"], p["ntasks_per_node"], p["gpus_per_node"]) == (1, 1, 1)
 
