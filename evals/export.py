@@ -3,18 +3,24 @@
 An export is a directory written by the trainer (``runs/<name>/exports/step_XXXXXXXX/``)::
 
     backbone.safetensors   the image encoder, timm ViT parameter names (cls_token, pos_embed,
-                           patch_embed.proj.*, blocks.N.*, norm.*); float32
+                           patch_embed.proj.*, [norm_pre.*,] blocks.N.*, norm.*); float32
     backbone.json          method, arch, img_size, patch_size, embed_dim, depth, num_heads,
-                           mlp_ratio, pos_embed, feature ("cls"), mean, std, step, run
-    COMPLETE               written last: an export without it does not exist
+                           mlp_ratio, pos_embed, [pre_norm, norm_eps,] feature ("cls"), mean, std, step, run
+    COMPLETE               written last: an export without it does not exist; lists every file
+                           with its size and SHA-256
     clip.safetensors       CLIP exports only: projections and text tower (see evals/clip.py)
+
+The names, the step-directory pattern and the writer are :mod:`pretrain.export`'s: training and
+evaluation share one definition.
 
 Reading is *consistent*: the ``COMPLETE`` marker is read before and after every file, each file
 is read fully into memory, and a marker that disappeared or changed in between (the export was
 purged or rewritten while we read) raises :class:`ExportVanishedError`, so a partial or mixed
-export is never evaluated. Nothing is unpickled: weights are safetensors, metadata is JSON.
+export is never evaluated; the files read must be the ones the marker lists (sizes and SHA-256).
+Nothing is unpickled: weights are safetensors, metadata is JSON.
 
-The encoder is rebuilt from the JSON with ``pretrain.models.create_vit`` (a pure model package;
+The encoder is rebuilt from the JSON with ``pretrain.models.create_vit`` (timm's CLIP layout through
+``pretrain.models.clip.create_image_tower`` when ``pre_norm``; a pure model package;
 evaluations never import trainer internals) and loaded with ``strict=True``.
 """
 
@@ -23,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +37,9 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 
 from evals.errors import EvalInputError, ExportVanishedError
-from pretrain.models import VisionTransformer, create_vit
+from pretrain.export import BACKBONE_JSON, BACKBONE_WEIGHTS, COMPLETE, STEP_DIR, WEIGHTS_SUFFIX
+from pretrain.models import VisionTransformer
+from pretrain.models.clip import create_image_tower
 
 __all__ = [
     "BACKBONE_JSON",
@@ -46,17 +53,13 @@ __all__ = [
     "random_init_export",
 ]
 
-COMPLETE = "COMPLETE"
-BACKBONE_WEIGHTS = "backbone.safetensors"
-BACKBONE_JSON = "backbone.json"
 REQUIRED_META = ("arch", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
-STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def vit_kwargs(meta: dict[str, Any]) -> dict[str, Any]:
     """``create_vit`` keyword arguments described by an export's JSON."""
     kwargs = {k: meta[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")}
-    for key in ("mlp_ratio", "pos_embed"):
+    for key in ("mlp_ratio", "pos_embed", "pre_norm", "norm_eps"):
         if meta.get(key) is not None:
             kwargs[key] = meta[key]
     return kwargs
@@ -134,7 +137,7 @@ class Export:
             EvalInputError: the weights do not fit the architecture (names the missing/unexpected keys).
         """
         try:
-            model = create_vit(self.meta["arch"], **vit_kwargs(self.meta), **overrides)
+            model = create_image_tower(self.meta["arch"], **vit_kwargs(self.meta), **overrides)
         except (ValueError, TypeError) as exc:
             raise EvalInputError(f"{self.path / BACKBONE_JSON}: cannot build the encoder: {exc}") from None
         result = model.load_state_dict(self.state, strict=False)
@@ -250,6 +253,34 @@ def _read_marker(directory: Path, given: Path) -> str:
         ) from None
 
 
+def _check_listed_files(directory: Path, marker: str, read: dict[str, bytes]) -> None:
+    """The files read must be the ones ``COMPLETE`` lists, with the same sizes and SHA-256.
+
+    Markers written before the listing existed (``{"step", "time"}`` only) are accepted as they are.
+    """
+    try:
+        listing = json.loads(marker).get("files")
+    except (json.JSONDecodeError, AttributeError):
+        listing = None
+    if not isinstance(listing, dict):
+        return
+    where = directory / COMPLETE
+    unlisted = sorted(set(read) - set(listing))
+    missing = sorted(set(listing) - set(read))
+    if unlisted or missing:
+        raise EvalInputError(
+            f"{directory}: the files do not match {where} (not listed there: {unlisted or 'none'}; listed but "
+            f"absent: {missing or 'none'}); a file was added or removed after the export was written"
+        )
+    for name, data in read.items():
+        want = listing[name]
+        if len(data) != want.get("bytes") or hashlib.sha256(data).hexdigest() != want.get("sha256"):
+            raise EvalInputError(
+                f"{directory / name}: size or SHA-256 differs from {where}; the file changed after the export "
+                "was written (corrupted or overwritten)"
+            )
+
+
 def load_export(path: str | os.PathLike[str]) -> Export:
     """Read an export consistently (see the module docstring).
 
@@ -270,7 +301,9 @@ def load_export(path: str | os.PathLike[str]) -> Export:
         meta_text = (real / BACKBONE_JSON).read_text(encoding="utf-8")
         raw = (real / BACKBONE_WEIGHTS).read_bytes()
         extra_raw = {
-            p.stem: p.read_bytes() for p in sorted(real.glob("*.safetensors")) if p.name != BACKBONE_WEIGHTS
+            p.stem: p.read_bytes()
+            for p in sorted(real.glob(f"*{WEIGHTS_SUFFIX}"))
+            if p.name != BACKBONE_WEIGHTS
         }
     except FileNotFoundError as exc:
         if not (real / COMPLETE).is_file():
@@ -283,6 +316,12 @@ def load_export(path: str | os.PathLike[str]) -> Export:
         raise ExportVanishedError(
             f"export {given} was rewritten while being read ({COMPLETE} changed); skipped"
         )
+    _check_listed_files(
+        real,
+        before,
+        {BACKBONE_JSON: meta_text.encode("utf-8"), BACKBONE_WEIGHTS: raw}
+        | {f"{stem}{WEIGHTS_SUFFIX}": data for stem, data in extra_raw.items()},
+    )
     try:
         meta = json.loads(meta_text)
     except json.JSONDecodeError as exc:
@@ -326,7 +365,7 @@ def random_init_export(export: Export, seed: int = 0) -> Export:
     state = torch.random.fork_rng(devices=[])
     with state:
         torch.manual_seed(seed)
-        model = create_vit(export.meta["arch"], **vit_kwargs(export.meta))
+        model = create_image_tower(export.meta["arch"], **vit_kwargs(export.meta))
     return Export(
         path=export.path,
         meta=dict(export.meta),

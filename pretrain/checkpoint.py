@@ -4,7 +4,8 @@ Layout under ``runs/<name>/``::
 
     checkpoints/step_00001000/   DCP shards (*.distcp, .metadata), trainer_state.json, COMPLETE (last)
     checkpoints/latest -> step_00001000   moved only after COMPLETE is durable
-    exports/step_00001000/       backbone.safetensors, backbone.json, COMPLETE
+    exports/step_00001000/       backbone.safetensors (+ a method's other files), backbone.json, COMPLETE
+                                 (see pretrain/export.py)
 
 A checkpoint directory without ``COMPLETE`` does not exist for resume or evals. Loading a
 checkpoint with a different number of ranks works: DCP reshards on load. Pruned checkpoints are
@@ -26,7 +27,6 @@ import io
 import json
 import logging
 import pickle
-import re
 import shutil
 import time
 import warnings
@@ -40,7 +40,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException  # stable since torch 2.2
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -49,15 +48,16 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from pretrain.distributed import DistEnv, barrier
 from pretrain.engines.base import Engine
-from pretrain.fileio import atomic_symlink, atomic_write_text, fsync_file
+from pretrain.export import BACKBONE_STEM, COMPLETE, STEP_DIR, as_bundle, publish_export, step_dir_name
+from pretrain.fileio import atomic_symlink, atomic_write_text
 
 log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load; single-process is a supported mode here, not a mistake.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
-COMPLETE = "COMPLETE"
 _RETIRED = ".deleting."  # prefix of a pruned directory being deleted in the background
-STEP_DIR = re.compile(r"^step_(\d{8})$")
+# COMPLETE, STEP_DIR and step_dir_name come from pretrain.export: one pattern for checkpoints, exports
+# and the evaluations that read them.
 
 
 class CheckpointError(RuntimeError):
@@ -160,10 +160,6 @@ def _drop_state_never_saved(state: dict[str, Any], metadata: Metadata) -> None:
     for fqn in list(optim_state):
         if not any(f"optim.state.{fqn}.{key}" in saved for key in optim_state[fqn]):
             del optim_state[fqn]
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def complete_steps(parent: Path) -> list[int]:
@@ -456,21 +452,24 @@ class CheckpointManager:
             raise CheckpointError(f"{path}/trainer_state.json: unreadable ({e})") from None
 
     def export(self, step: int, engine: Engine, extra_meta: dict[str, Any]) -> Path | None:
-        """Write the eval backbone (timm names) as safetensors + JSON (collective; rank 0 writes)."""
+        """Write the eval export of ``step`` (collective; rank 0 writes) through the one export writer.
+
+        The method's :meth:`~pretrain.methods.base.Method.export_backbone` gives the tensor files (the
+        backbone with timm names, and e.g. CLIP's text tower) and the JSON; :func:`pretrain.export.publish_export`
+        writes them atomically with ``COMPLETE`` last and moves ``exports/latest``.
+        """
         full = engine.full_model_state_dict()
         out = self.export_dir / step_dir_name(step)
         if self.env.is_main:
-            backbone, meta = engine.method.export_backbone(full)
-            meta = {**meta, **extra_meta, "step": step, "format": "safetensors", "tensors": len(backbone)}
-            if out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True)
-            tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in backbone.items()}
-            save_file(tensors, str(out / "backbone.safetensors"), metadata={"format": "pt"})
-            fsync_file(out / "backbone.safetensors")  # durable before COMPLETE says it is there
-            atomic_write_text(out / "backbone.json", json.dumps(meta, indent=2))
-            atomic_write_text(out / COMPLETE, json.dumps({"step": step, "time": time.time()}))
-            atomic_symlink(out.name, self.export_dir / "latest")
+            bundle = as_bundle(engine.method.export_backbone(full))
+            meta = {
+                **bundle.meta,
+                **extra_meta,
+                "step": step,
+                "format": "safetensors",
+                "tensors": len(bundle.files[BACKBONE_STEM]),
+            }
+            publish_export(self.export_dir, step, type(bundle)(bundle.files, meta))
         barrier(self.env)
         return out if self.env.is_main else None
 
