@@ -351,3 +351,19 @@ def test_interrupted_export_write_leaves_no_export(tmp_path: Path, monkeypatch: 
     with pytest.raises(OSError):
         export.publish_export(tmp_path / "exports", 5, bundle)
     assert list((tmp_path / "exports").iterdir()) == []  # no step dir, no temporary left, no latest
+
+
+def test_one_process_gradients_are_the_full_loss_gradients():
+    # The gathered features carry gradients (in one process the gather is the identity): the method's
+    # gradients are those of the Figure 3 loss on the batch, both directions included.
+    method = build_method(_cfg())
+    batch = _batch(8)
+    method(batch, _ctx(8))["loss"].backward()
+    got = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+    method.zero_grad()
+    img = F.normalize(method.clip.image_features(batch["images"][0]).float(), dim=-1)
+    txt = F.normalize(method.clip.text_features(batch["text"]).float(), dim=-1)
+    clip_loss(img, txt, method.clip.logit_scale)[0].backward()
+    for n, p in method.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, atol=1e-7, rtol=1e-5, msg=n)

@@ -1,0 +1,197 @@
+"""CLIP end to end, as real processes: 2 ranks (torchrun, gloo, FSDP2) give the 1-process loss and
+gradients on the same global batch; kill -9 and resume continue bit for bit (logit scale included); a
+tiny CLIP trained on the real Tux Paint captions retrieves and zero-shot classifies held-out stamps
+better than chance, evaluated by the eval jobs on its export.
+
+Run as a script (``torchrun ... tests/test_clip_train.py OUT``) this file is the gradient worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "clip" / "tiny_tuxpaint.yaml"
+WORKER_BATCH = 8
+
+
+def _worker(out: str) -> None:
+    """One micro-batch of the tiny CLIP (patch dropout on) on a fixed global batch; rank 0 saves the
+    loss averaged over ranks and every parameter's full gradient."""
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    from pretrain.config import load_config
+    from pretrain.distributed import all_reduce_mean, init_distributed
+    from pretrain.engines import build_engine
+    from pretrain.methods import build_method
+    from pretrain.methods.context import Collectives, StepContext
+    from pretrain.randomness import BatchRandom
+    from pretrain.train import make_run_info
+    from tests.test_clip import SMALL, _batch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    overrides = [*SMALL, "run.name=grad", "method.patch_dropout=0.5", "model.patch_size=4"]
+    overrides.append("engine.name=fsdp2" if world > 1 else "engine.name=single")
+    cfg = load_config(TINY, overrides, world_size=world)
+    env = init_distributed(cfg.engine.timeout_s, require_group=world > 1)
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    run = make_run_info(cfg, env)
+    method.configure(run)
+    engine = build_engine(cfg, env)
+    engine.setup(method)
+    batch = _batch(WORKER_BATCH)
+    b = WORKER_BATCH // world
+    rows = slice(env.rank * b, (env.rank + 1) * b)
+    local = {"images": [batch["images"][0][rows]], "text": batch["text"][rows]}
+    rng = BatchRandom(0, 0, env.rank * b, WORKER_BATCH, env.device)
+    ctx = StepContext(0, 0, 1, rng, run, Collectives(world), engine)
+    with engine.autocast():
+        result = engine.model(local, ctx)
+    engine.backward(result["loss"])
+    (loss,) = all_reduce_mean([result["loss"].detach()], env)
+    grads = {}
+    for name, p in engine.model.named_parameters():
+        g = p.grad
+        if isinstance(g, DTensor):
+            g = g.full_tensor()
+        if g is not None:
+            grads[name] = g.detach().clone()
+    if env.rank == 0:
+        save_file({**grads, "__loss__": loss.reshape(1)}, out)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    _worker(sys.argv[1])
+    sys.exit(0)
+
+from safetensors.torch import load_file  # noqa: E402
+
+from tests.conftest import _free_port, python_env, run_cmd, train_cmd  # noqa: E402
+from tests.test_train_distributed import _kill_group, _start, _wait_for_step, common, losses  # noqa: E402
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.fixture(scope="module")
+def tux_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Tux Paint stamps as CLIP shards with the held-out split (Debian tuxpaint-stamps-default)."""
+    from data_pipelines.image_text import TUXPAINT_STAMPS
+
+    if not TUXPAINT_STAMPS.is_dir():
+        from tests.conftest import skip_or_fail
+
+        skip_or_fail(
+            f"{TUXPAINT_STAMPS} missing: install the Debian package tuxpaint-stamps-default (make system-deps)"
+        )
+    out = tmp_path_factory.mktemp("tuxpaint")
+    run_cmd([sys.executable, "-m", "data_pipelines.image_text", "tuxpaint", str(out), "--quiet"], timeout=300)
+    return out
+
+
+def test_two_ranks_gathered_loss_and_gradients_equal_one_process(tmp_path: Path):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    run_cmd([sys.executable, __file__, str(one)], timeout=300)
+    run_cmd(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(_free_port()), __file__, str(two)],
+        timeout=300,
+    )  # fmt: skip
+    a, b = load_file(str(one)), load_file(str(two))
+    assert a["__loss__"].item() == pytest.approx(b["__loss__"].item(), abs=1e-6)
+    assert a.keys() == b.keys() and "clip.logit_scale" in a and "clip.text.token_embedding.weight" in a
+    for name in a:  # float32 rounding of different summation orders: relative to each tensor's scale
+        err = (b[name] - a[name]).abs().max().item()
+        assert err <= 1e-5 * a[name].abs().max().item() + 1e-12, (name, err)
+
+
+def _clip_files(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    out = run_dir / "exports" / f"step_{step:08d}"
+    return load_file(str(out / "backbone.safetensors")) | {
+        f"clip.{k}": v for k, v in load_file(str(out / "clip.safetensors")).items()
+    }
+
+
+def test_kill9_and_resume_is_bitwise_identical(tmp_path: Path, tux_shards: Path):
+    args = [
+        f"data.shards={tux_shards / 'train'}",
+        "train.steps=16",
+        "train.global_batch_size=16",
+        "train.ckpt_every=5",
+        "run.deterministic=true",
+        "data.num_workers=1",
+        "model.depth=2",
+        "method.text_depth=2",
+        "method.patch_dropout=0.5",
+        "optim.warmup_steps=2",
+        "optim.lr=0.01",  # the logit scale moves visibly in 16 steps
+    ]
+    run_cmd(train_cmd(2, *common(tmp_path, "straight", *args), config=TINY), timeout=600)
+    cmd = train_cmd(2, *common(tmp_path, "killed", *args), config=TINY)
+    proc = _start(cmd, tmp_path / "killed.log")
+    _wait_for_step(tmp_path / "killed", proc, 11)
+    marker = tmp_path / "killed" / "checkpoints" / "step_00000010" / "COMPLETE"
+    deadline = time.time() + 60
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert marker.exists() and proc.poll() is None, "step 10 was not completed while the job ran"
+    _kill_group(proc)
+    run_cmd(cmd, timeout=600)
+    ref, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert sorted(ref) == sorted(got) == list(range(1, 17))
+    assert all(ref[s] == got[s] for s in ref), {s: (ref[s], got[s]) for s in ref if ref[s] != got[s]}
+    wa, wb = _clip_files(tmp_path / "straight", 16), _clip_files(tmp_path / "killed", 16)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    scale = wa["clip.logit_scale"].item()
+    assert abs(scale - 2.6592600) > 1e-3, "the logit scale did not train: its resume would not be tested"
+
+
+def _metrics(out_dir: Path, protocol: str) -> dict[str, float]:
+    (path,) = out_dir.glob(f"{protocol}-*.json")
+    return json.loads(path.read_text())["metrics"]
+
+
+def test_tiny_clip_on_tuxpaint_beats_chance_on_held_out_pairs(tmp_path: Path, tux_shards: Path):
+    steps = 200
+    run_cmd(
+        train_cmd(
+            1,
+            *common(
+                tmp_path,
+                "tiny",
+                f"data.shards={tux_shards / 'train'}",
+                f"train.steps={steps}",
+                "train.log_every=50",
+            ),
+            config=TINY,
+        ),
+        timeout=900,
+    )
+    export = tmp_path / "tiny" / "exports" / "latest"
+    test = tux_shards / "test"
+    num_test = json.loads((test / "manifest.json").read_text())["num_samples"]
+    classes = json.loads((test / "manifest.json").read_text())["classes"]
+    base = [sys.executable, "-m", "evals.run", "--checkpoint", str(export), "--test-data", str(test)]
+    base += ["--device", "cpu", "--resize", "resize"]
+    env = python_env()
+    run_cmd([*base, "--protocol", "retrieval", "--output", str(tmp_path / "rt")], timeout=300, env=env)
+    run_cmd([*base, "--protocol", "zeroshot", "--output", str(tmp_path / "zs")], timeout=300, env=env)
+    rt, zs = _metrics(tmp_path / "rt", "retrieval"), _metrics(tmp_path / "zs", "zeroshot")
+    chance_r1, chance_r5 = 100 / num_test, 500 / num_test  # a random ranking of the held-out captions/images
+    for direction in ("i2t", "t2i"):
+        assert rt[f"{direction}_r1"] >= 3 * chance_r1, (rt, chance_r1)
+        assert rt[f"{direction}_r5"] >= 2 * chance_r5, (rt, chance_r5)
+    chance_top5 = 100 * 5 / len(classes)  # five of the categories named at random
+    assert zs["top5"] >= chance_top5 + 5, (zs, chance_top5)
