@@ -264,6 +264,10 @@ def build_image_text(
         if kind != "tuxpaint":
             raise ValueError(f"{kind}: give --source, the unpacked npm package {EMOJI_PACKAGE}")
         source = TUXPAINT_STAMPS
+    if kind == "emoji":
+        emoji_package_dir(Path(source))  # the package's own error message before the generic ones
+    elif not Path(source).is_dir():
+        raise SourceError(f"{source}: no such folder; the Tux Paint stamps live in {TUXPAINT_STAMPS}")
     cls = SOURCES[kind]
     cls.test_fraction, cls.caption_format = (
         test_fraction,
