@@ -163,35 +163,32 @@ def _metrics(out_dir: Path, protocol: str) -> dict[str, float]:
     return json.loads(path.read_text())["metrics"]
 
 
-def test_tiny_clip_on_tuxpaint_beats_chance_on_held_out_pairs(tmp_path: Path, tux_shards: Path):
-    steps = 200
-    run_cmd(
-        train_cmd(
-            1,
-            *common(
-                tmp_path,
-                "tiny",
-                f"data.shards={tux_shards / 'train'}",
-                f"train.steps={steps}",
-                "train.log_every=50",
-            ),
-            config=TINY,
-        ),
-        timeout=900,
-    )
-    export = tmp_path / "tiny" / "exports" / "latest"
-    test = tux_shards / "test"
-    num_test = json.loads((test / "manifest.json").read_text())["num_samples"]
-    classes = json.loads((test / "manifest.json").read_text())["classes"]
+def _evaluate(export: Path, test: Path, out: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """The eval jobs, unchanged, on an export: retrieval and zero-shot on the held-out shards."""
     base = [sys.executable, "-m", "evals.run", "--checkpoint", str(export), "--test-data", str(test)]
     base += ["--device", "cpu", "--resize", "resize"]
-    env = python_env()
-    run_cmd([*base, "--protocol", "retrieval", "--output", str(tmp_path / "rt")], timeout=300, env=env)
-    run_cmd([*base, "--protocol", "zeroshot", "--output", str(tmp_path / "zs")], timeout=300, env=env)
-    rt, zs = _metrics(tmp_path / "rt", "retrieval"), _metrics(tmp_path / "zs", "zeroshot")
-    chance_r1, chance_r5 = 100 / num_test, 500 / num_test  # a random ranking of the held-out captions/images
-    for direction in ("i2t", "t2i"):
-        assert rt[f"{direction}_r1"] >= 3 * chance_r1, (rt, chance_r1)
-        assert rt[f"{direction}_r5"] >= 2 * chance_r5, (rt, chance_r5)
-    chance_top5 = 100 * 5 / len(classes)  # five of the categories named at random
-    assert zs["top5"] >= chance_top5 + 5, (zs, chance_top5)
+    run_cmd([*base, "--protocol", "retrieval", "--output", str(out / "rt")], timeout=300, env=python_env())
+    run_cmd([*base, "--protocol", "zeroshot", "--output", str(out / "zs")], timeout=300, env=python_env())
+    return _metrics(out / "rt", "retrieval"), _metrics(out / "zs", "zeroshot")
+
+
+@pytest.mark.timeout(1200)  # ~2 minutes on 2 idle cores; CPU shared with other jobs can take much longer
+def test_tiny_clip_on_tuxpaint_beats_chance_on_held_out_pairs(tmp_path: Path, tux_shards: Path):
+    data = f"data.shards={tux_shards / 'train'}"
+    run_cmd(train_cmd(1, *common(tmp_path, "tiny", data, "train.steps=200", "train.log_every=50"), config=TINY),
+            timeout=900)  # fmt: skip
+    # the random-initialised pair of towers: one step at learning rate 0 exports the initial weights
+    run_cmd(train_cmd(1, *common(tmp_path, "init", data, "train.steps=1", "optim.lr=0.0", "optim.warmup_steps=0"),
+                      config=TINY), timeout=300)  # fmt: skip
+    test = tux_shards / "test"
+    manifest = json.loads((test / "manifest.json").read_text())
+    num_test, num_classes = manifest["num_samples"], len(manifest["classes"])
+    rt, zs = _evaluate(tmp_path / "tiny" / "exports" / "latest", test, tmp_path / "tiny_eval")
+    rt0, zs0 = _evaluate(tmp_path / "init" / "exports" / "latest", test, tmp_path / "init_eval")
+    for direction in ("i2t", "t2i"):  # a random ranking of the held-out pairs finds k of N at rank <= k
+        for k, factor in ((1, 2.0), (5, 2.5), (10, 2.0)):
+            chance = 100 * k / num_test
+            assert rt[f"{direction}_r{k}"] >= factor * chance, (direction, k, rt, chance)
+            assert rt[f"{direction}_r{k}"] > rt0[f"{direction}_r{k}"], (direction, k, rt, rt0)
+    # zero-shot into the 16 stamp categories: above a uniform guess and the random-initialised towers
+    assert zs["top1"] >= 100 / num_classes + 3 and zs["top1"] >= zs0["top1"] + 5, (zs, zs0, num_classes)
