@@ -192,3 +192,36 @@ def test_tiny_clip_on_tuxpaint_beats_chance_on_held_out_pairs(tmp_path: Path, tu
             assert rt[f"{direction}_r{k}"] > rt0[f"{direction}_r{k}"], (direction, k, rt, rt0)
     # zero-shot into the 16 stamp categories: above a uniform guess and the random-initialised towers
     assert zs["top1"] >= 100 / num_classes + 3 and zs["top1"] >= zs0["top1"] + 5, (zs, zs0, num_classes)
+
+
+# The emoji come from npm (emoji-datasource-google 16.0.0), which `make test` unpacks into this folder
+# (Makefile target emoji-package); tests never download. $EMOJI_DATASOURCE points elsewhere.
+EMOJI_PACKAGE = Path(os.environ.get("EMOJI_DATASOURCE", ROOT / "data" / "npm" / "emoji-datasource-google"))
+
+
+@pytest.mark.timeout(1200)
+def test_tiny_clip_zero_shot_classifies_held_out_emoji(tmp_path: Path):
+    from data_pipelines.image_text import build_image_text, emoji_package_dir
+    from data_pipelines.sources import SourceError
+
+    try:
+        emoji_package_dir(EMOJI_PACKAGE)
+    except SourceError as exc:
+        from tests.conftest import skip_or_fail
+
+        skip_or_fail(f"emoji data missing ({exc}); `make emoji-package` unpacks it there")
+    build_image_text("emoji", tmp_path / "emoji", EMOJI_PACKAGE, progress=False)
+    data = f"data.shards={tmp_path / 'emoji' / 'train'}"
+    run_cmd(train_cmd(1, *common(tmp_path, "tiny", data, "train.steps=300", "train.log_every=50"), config=TINY),
+            timeout=1100)  # fmt: skip
+    run_cmd(train_cmd(1, *common(tmp_path, "init", data, "train.steps=1", "optim.lr=0.0", "optim.warmup_steps=0"),
+                      config=TINY), timeout=300)  # fmt: skip
+    test = tmp_path / "emoji" / "test"
+    manifest = json.loads((test / "manifest.json").read_text())
+    rt, zs = _evaluate(tmp_path / "tiny" / "exports" / "latest", test, tmp_path / "tiny_eval")
+    rt0, zs0 = _evaluate(tmp_path / "init" / "exports" / "latest", test, tmp_path / "init_eval")
+    # 10 Unicode categories; the largest (people and body) holds about a fifth of the emoji
+    chance = 100 / len(manifest["classes"])
+    assert zs["top1"] >= 2 * chance and zs["top1"] >= zs0["top1"] + 10, (zs, zs0, chance)
+    for direction in ("i2t", "t2i"):
+        assert rt[f"{direction}_r5"] >= 4 * 500 / manifest["num_samples"], (rt, rt0)
