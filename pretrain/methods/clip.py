@@ -62,9 +62,7 @@ class CLIPConfig(MethodConfigBase):
     vocab_size: int = 49408  # CLIP's byte-level BPE
     init_logit_scale: float = math.log(1 / 0.07)  # temperature 0.07 at init (§2.5)
     max_logit_scale: float = CLIP_MAX_LOGIT_SCALE  # logits scaled by at most 100 (§2.5)
-    patch_dropout: float = (
-        0.0  # FLIP: fraction of image patches dropped in training (0.5 halves the image cost)
-    )
+    patch_dropout: float = 0.0  # FLIP: share of patches dropped in training (0.5: half the image cost)
     crop_scale: list[float] | None = None  # RandomResizedCrop area; None: [0.9, 1.0] (OpenCLIP)
 
     @staticmethod
