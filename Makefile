@@ -13,12 +13,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := dataset-fashion-mnist tuxpaint-stamps-default
 SHARDS := data/fmnist
 
-.PHONY: help install system-deps data demo test test-fast lint format bench gpu-wheels clean-runs
+.PHONY: help install system-deps emoji-package data clip-data demo clip-demo test test-fast lint format bench gpu-wheels clean-runs
 
 help:
 	@echo "make install      virtualenv .venv with the pinned requirements (+ this package, editable)"
 	@echo "make system-deps  Debian packages the tests and demo read: $(APT_PACKAGES)"
 	@echo "make data         Fashion-MNIST -> WebDataset shards in $(SHARDS)/{train,test}"
+	@echo "make clip-data    CLIP image-text shards: Tux Paint stamps and emoji (npm), train + held-out test"
+	@echo "make clip-demo    pretrain a tiny CLIP on the Tux Paint stamps (CPU), then retrieval and zero-shot"
 	@echo "make demo         pretrain a tiny MAE on Fashion-MNIST on the CPU (a few minutes)"
 	@echo "make test         the whole test suite (CPU; multi-process and SLURM tests included)"
 	@echo "make lint         ruff check + format check"
@@ -45,12 +47,30 @@ system-deps:
 		$(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
+# The Google emoji images with their names (npm emoji-datasource-google, Apache-2.0 images), unpacked
+# here for the CLIP data builds and tests; the tests never download anything themselves.
+EMOJI_NPM := emoji-datasource-google@16.0.0
+EMOJI_PKG := data/npm/emoji-datasource-google
+$(EMOJI_PKG)/package/emoji.json:
+	@command -v npm >/dev/null || { echo "installing Debian package npm (for the emoji data)"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends npm; }
+	mkdir -p $(EMOJI_PKG)
+	cd $(EMOJI_PKG) && npm pack -q $(EMOJI_NPM) && tar xzf emoji-datasource-google-16.0.0.tgz && rm emoji-datasource-google-16.0.0.tgz
+emoji-package: $(EMOJI_PKG)/package/emoji.json
+
 $(SHARDS)/train/manifest.json: | install system-deps
 	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(SHARDS)/train --split train --shard-size 2000 --image-format pnm
 $(SHARDS)/test/manifest.json: | install system-deps
 	$(BIN)/python -m data_pipelines.build_shards fashion-mnist $(SHARDS)/test --split test --shard-size 2000 --image-format pnm
 
 data: $(SHARDS)/train/manifest.json $(SHARDS)/test/manifest.json
+
+# CLIP image-text shards with a held-out split: OUT/train and OUT/test (captions .txt, categories .cls)
+data/tuxpaint/test/manifest.json: | install system-deps
+	$(BIN)/python -m data_pipelines.image_text tuxpaint data/tuxpaint
+data/emoji/test/manifest.json: $(EMOJI_PKG)/package/emoji.json | install
+	$(BIN)/python -m data_pipelines.image_text emoji data/emoji --source $(EMOJI_PKG)
+clip-data: data/tuxpaint/test/manifest.json data/emoji/test/manifest.json
 
 EVAL_DATA := data/fmnist_eval
 DEMO_RUN := runs/mae_tiny_fmnist
@@ -70,7 +90,13 @@ demo: install system-deps data $(EVAL_DATA)/train/manifest.json $(EVAL_DATA)/tes
 	$(BIN)/python -m evals.run --checkpoint $(DEMO_EXPORT) --protocol linear --data $(EVAL_DATA) --baseline random
 	$(BIN)/python -m evals.report $(DEMO_RUN)
 
-test: install system-deps
+# Tiny CLIP on the Tux Paint stamps (CPU), then retrieval and zero-shot on the held-out stamps
+clip-demo: install system-deps data/tuxpaint/test/manifest.json
+	$(BIN)/python -m pretrain.train --config configs/clip/tiny_tuxpaint.yaml
+	$(BIN)/python -m evals.run --checkpoint runs/clip_tiny_tuxpaint/exports/latest --protocol retrieval --test-data data/tuxpaint/test --resize resize
+	$(BIN)/python -m evals.run --checkpoint runs/clip_tiny_tuxpaint/exports/latest --protocol zeroshot --test-data data/tuxpaint/test --resize resize
+
+test: install system-deps emoji-package
 	$(BIN)/python -m pytest tests
 
 test-fast: install
