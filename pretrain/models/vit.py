@@ -137,6 +137,24 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, D)  # [B, N, D]
         return self.proj(x)
 
+    def attention_probs(self, x: Tensor) -> Tensor:
+        """The attention probabilities ``softmax(q k^T / sqrt(Dh))`` of every head, in float32.
+
+        What ``forward`` computes inside SDPA without materialising it; for visualisations such as
+        DINO's self-attention maps (Caron et al., 2021, Fig. 1). No mask.
+
+        Args:
+            x: Tokens ``[B, N, D]`` (the input of ``forward``, i.e. after ``norm1``).
+
+        Returns:
+            ``[B, H, N, N]``: row ``i`` is how token ``i`` distributes its attention.
+        """
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).float()  # [B, N, 3, H, Dh]
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, Dh]
+        logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # [B, H, N, N]
+        return logits.softmax(dim=-1)
+
 
 class Mlp(nn.Module):
     """Two-layer GELU MLP of the Transformer block.
@@ -429,6 +447,30 @@ class VisionTransformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` -> class-token features ``[B, D]``, or logits ``[B, num_classes]``."""
         return self.forward_head(self.forward_features(x))
+
+    def get_last_selfattention(self, x: Tensor) -> Tensor:
+        """The last block's attention probabilities on images ``x``, as DINO's ``get_last_selfattention``.
+
+        Runs the ordinary forward (so that FSDP2's hooks on the blocks gather their parameters) and
+        reads the last block's attention from the input of its ``attn`` module.
+
+        Args:
+            x: Images ``[B, C, H, W]``; H and W multiples of ``patch_size``.
+
+        Returns:
+            ``[B, H, 1+L, 1+L]`` in float32; ``[:, :, 0, 1:]`` is the class token's attention to the patches.
+        """
+        seen: dict[str, Tensor] = {}
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            seen["probs"] = module.attention_probs(args[0])  # type: ignore[operator]
+
+        handle = self.blocks[-1].attn.register_forward_hook(hook)
+        try:
+            self.forward_features(x)
+        finally:
+            handle.remove()
+        return seen["probs"]
 
     def get_intermediate_layers(self, x: Tensor, n: int | list[int] = 1, norm: bool = True) -> list[Tensor]:
         """Outputs of several blocks, as used by DINO's linear evaluation (last ``n`` blocks, normalised).
