@@ -2,8 +2,8 @@
 # Everything this project checks and measures on a GPU, in sections that each finish well inside
 # 10 minutes on one H100. Results (logs, JSON) go to $OUT (default /tmp/gpu_suite).
 #
-#   bash benchmarks/gpu_suite.sh tests      # one section per device command: tests | mae | compile | ckpt
-#   bash benchmarks/gpu_suite.sh            # all four (longer than one 10-minute device command)
+#   bash benchmarks/gpu_suite.sh tests      # one section per device command: tests | mae | compile | ckpt | clip | dino
+#   bash benchmarks/gpu_suite.sh            # all five (longer than one 10-minute device command)
 #
 # A GPU machine without this project's Python dependencies: put their wheels in .whl/ first
 # (`make gpu-wheels` here; only omegaconf is missing from a typical CUDA PyTorch image) and they
@@ -19,7 +19,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(tests mae compile ckpt)
+[ ${#sections[@]} -eq 0 ] && sections=(tests mae compile ckpt clip dino)
 status=0
 run() {  # run NAME CMD...: log to $OUT/NAME.log, remember a failure, go on with the next
     local name=$1
@@ -46,6 +46,15 @@ EOF
 
 MAE=(--config configs/mae/vit_l16_in1k.yaml --interval 10 --windows 3 --repeats 1)
 MAE_SET=(train.global_batch_size=256 data.backend=synthetic train.export_every=0)
+# CLIP ViT-L/14 at 224 (both towers, text context 77), bf16, synthetic images + captions; 192 samples per
+# step fit one 80 GB GPU without recomputation (MFU counts model FLOPs: 526 GFLOP/sample, 280 with FLIP 0.5)
+CLIP=(--config configs/clip/vit_l14_laion400m.yaml --interval 10 --windows 3 --repeats 1)
+CLIP_SET=(train.global_batch_size=192 data.backend=synthetic train.export_every=0 model.grad_checkpointing=false)
+# DINO ViT-L/16 with the paper's speed-table crops (2 x 224 + 10 x 96), 64 images per step; synthetic data
+# has no epoch length, so one is given (the last layer is frozen only in the discarded warm-up window)
+DINO=(--config configs/dino/vit_l16_in1k.yaml --interval 10 --windows 3 --repeats 1)
+DINO_SET=(train.global_batch_size=64 data.backend=synthetic method.local_crops=10 train.steps_per_epoch=10
+    train.export_every=0 train.visualize_every=0)
 for section in "${sections[@]}"; do
     case $section in
     tests)
@@ -69,8 +78,20 @@ for section in "${sections[@]}"; do
             --saves 4 --repeats 1 --json "$OUT/ckpt.json" train.global_batch_size=256 \
             engine.name=fsdp2 train.export_every=0
         ;;
+    clip) # issue 13's targets: CLIP ViT-L/14, one H100, bf16: >= 600 samples/s; >= 1,200 with 50 % patch dropout
+        run clip_l14 "$PY" benchmarks/train_throughput.py "${CLIP[@]}" --json "$OUT/clip_l14.json" \
+            "${CLIP_SET[@]}" engine.name=fsdp2
+        run clip_l14_flip "$PY" benchmarks/train_throughput.py "${CLIP[@]}" --json "$OUT/clip_l14_flip.json" \
+            "${CLIP_SET[@]}" engine.name=fsdp2 method.patch_dropout=0.5
+        ;;
+    dino) # issue 12's target: DINO ViT-L/16, 2 x 224 + 10 x 96 crops, one H100, bf16, >= 330 images/s
+        run dino_single "$PY" benchmarks/train_throughput.py "${DINO[@]}" --json "$OUT/dino_single.json" \
+            "${DINO_SET[@]}" engine.name=single
+        run dino_fsdp2 "$PY" benchmarks/train_throughput.py "${DINO[@]}" --json "$OUT/dino_fsdp2.json" \
+            "${DINO_SET[@]}" engine.name=fsdp2
+        ;;
     *)
-        echo "unknown section '$section': valid are tests, mae, compile, ckpt" >&2
+        echo "unknown section '$section': valid are tests, mae, compile, ckpt, clip, dino" >&2
         exit 2
         ;;
     esac
