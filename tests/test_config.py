@@ -65,7 +65,11 @@ def test_unknown_key_in_yaml_names_file(tmp_path: Path):
             "train.precision='fp16' is not valid; did you mean 'bf16'\\? Valid values: auto, bf16, fp32",
         ),
         (["engine.name=fsdp"], 1, "did you mean 'fsdp2'"),
-        (["model.name=vit_base"], 1, "model.name='vit_base' is not valid; did you mean 'vit_base_patch16'"),
+        (
+            ["model.name=vit_base_patch61"],
+            1,
+            "model.name='vit_base_patch61' is not valid; did you mean 'vit_base_patch16'",
+        ),
         (["data.backend=dalli"], 1, "data.backend='dalli' is not valid; did you mean 'dali'"),
         (["model.num_heads=7"], 1, "model.num_heads=7 must divide model.embed_dim=96"),
         (["method.mask_ratio=1.5"], 1, "mask_ratio=1.5 must be in"),

@@ -509,6 +509,7 @@ _VIT_CONFIGS: dict[str, dict[str, Any]] = {
     "vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_base_patch32": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_large_patch14": dict(patch_size=14, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
