@@ -41,6 +41,7 @@ from data_pipelines.augment import ViewSpec, clip_views
 from pretrain.methods import register_method
 from pretrain.methods.base import NO_WEIGHT_DECAY_LEAVES, Method, MethodConfigBase
 from pretrain.methods.context import RunInfo, StepContext
+from pretrain.models import vit_kwargs
 from pretrain.models.clip import CLIP_MAX_LOGIT_SCALE, ClipModel, create_image_tower
 from pretrain.models.flops import linear_flops, transformer_flops, vit_encoder_flops
 from pretrain.models.text import TextSpec
@@ -180,19 +181,11 @@ class CLIP(Method):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         mcfg, model_cfg = cfg.method, cfg.model
-        overrides = {
-            k: model_cfg[k]
-            for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-            if model_cfg[k] is not None
-        }
         visual = create_image_tower(
             model_cfg.name,
-            img_size=model_cfg.img_size,
-            pos_embed=model_cfg.pos_embed,
-            drop_path_rate=model_cfg.drop_path_rate,
             pre_norm=True,  # timm's CLIP ViT layout (OpenAI's ln_pre)
             norm_eps=CLIP_NORM_EPS,
-            **overrides,
+            **vit_kwargs(model_cfg),
         )
         self.clip = ClipModel(visual, _text_spec(cfg), int(mcfg.embed_dim), float(mcfg.init_logit_scale))
         if model_cfg.grad_checkpointing:

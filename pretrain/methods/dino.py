@@ -38,7 +38,7 @@ from pretrain.methods import register_method
 from pretrain.methods.base import Method, MethodConfigBase
 from pretrain.methods.context import RunInfo, StepContext
 from pretrain.methods.heads import DINOHead
-from pretrain.models import create_vit
+from pretrain.models import create_vit, vit_kwargs
 from pretrain.models.flops import vit_encoder_flops
 from pretrain.precision import full_precision
 from pretrain.schedules import cosine
@@ -242,18 +242,8 @@ class DINO(Method):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         mcfg, model_cfg = cfg.method, cfg.model
-        overrides = {
-            k: model_cfg[k]
-            for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-            if model_cfg[k] is not None
-        }
-        backbone = create_vit(
-            model_cfg.name,
-            img_size=model_cfg.img_size,
-            pos_embed=model_cfg.pos_embed,
-            drop_path_rate=model_cfg.drop_path_rate,  # the student's; the teacher runs in eval mode
-            **overrides,
-        )
+        # drop_path_rate is the student's; the teacher runs in eval mode
+        backbone = create_vit(model_cfg.name, **vit_kwargs(model_cfg))
         # DINO's vision_transformer.py: class token trunc-normal(0.02) (timm's default is normal(1e-6));
         # the rest of timm's init is DINO's (trunc-normal(0.02) Linear, zero biases, LayerNorm 1/0).
         nn.init.trunc_normal_(backbone.cls_token, std=0.02)

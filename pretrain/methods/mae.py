@@ -20,7 +20,7 @@ from data_pipelines.augment import ViewSpec, mae_views
 from pretrain.methods import register_method
 from pretrain.methods.base import Method, MethodConfigBase
 from pretrain.methods.context import StepContext
-from pretrain.models import Block, create_vit
+from pretrain.models import Block, create_vit, vit_kwargs
 from pretrain.models.flops import transformer_block_flops
 from pretrain.models.pos_embed import get_2d_sincos_pos_embed
 from pretrain.randomness import BatchRandom
@@ -130,18 +130,7 @@ class MAE(Method):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         mcfg, model_cfg = cfg.method, cfg.model
-        overrides = {
-            k: model_cfg[k]
-            for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-            if model_cfg[k] is not None
-        }
-        self.encoder = create_vit(
-            model_cfg.name,
-            img_size=model_cfg.img_size,
-            pos_embed=model_cfg.pos_embed,
-            drop_path_rate=model_cfg.drop_path_rate,
-            **overrides,
-        )
+        self.encoder = create_vit(model_cfg.name, **vit_kwargs(model_cfg))
         if model_cfg.grad_checkpointing:
             self.encoder.set_grad_checkpointing(True)
         self.model_name = model_cfg.name

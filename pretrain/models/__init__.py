@@ -4,7 +4,7 @@ analytic FLOP counts."""
 from pretrain.models.clip import ClipModel
 from pretrain.models.pos_embed import get_2d_sincos_pos_embed
 from pretrain.models.text import TextSpec, TextTokenizer, TextTransformer
-from pretrain.models.vit import Block, VisionTransformer, create_vit, list_vits, vit_architecture
+from pretrain.models.vit import Block, VisionTransformer, create_vit, list_vits, vit_architecture, vit_kwargs
 
 __all__ = [
     "Block",
@@ -17,4 +17,5 @@ __all__ = [
     "get_2d_sincos_pos_embed",
     "list_vits",
     "vit_architecture",
+    "vit_kwargs",
 ]

@@ -522,6 +522,21 @@ def list_vits() -> list[str]:
     return sorted(_VIT_CONFIGS)
 
 
+def vit_kwargs(model_cfg: Any) -> dict[str, Any]:
+    """``create_vit`` keyword arguments from a ``model`` config section (its ``name`` excluded).
+
+    The image size, position embedding and drop path always; the size fields (``patch_size``,
+    ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``) only where set, else the registry's values.
+    """
+    sizes = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+    return {
+        "img_size": model_cfg.img_size,
+        "pos_embed": model_cfg.pos_embed,
+        "drop_path_rate": model_cfg.drop_path_rate,
+        **{k: model_cfg[k] for k in sizes if model_cfg[k] is not None},
+    }
+
+
 def vit_architecture(name: str) -> dict[str, Any]:
     """The registered size of ``name`` (patch_size, embed_dim, depth, num_heads, img_size, ...).
 
