@@ -55,6 +55,7 @@ __all__ = [
     "as_bundle",
     "publish_export",
     "step_dir_name",
+    "vit_backbone_meta",
     "write_export",
 ]
 
@@ -76,6 +77,34 @@ def step_dir_name(step: int) -> str:
     if step < 0 or step >= 10**8:
         raise ValueError(f"step {step} does not fit the step directory pattern step_XXXXXXXX")
     return f"step_{step:08d}"
+
+
+def vit_backbone_meta(method: str, arch: str, encoder: torch.nn.Module, view: Any) -> dict[str, Any]:
+    """What ``backbone.json`` says about a ViT encoder, for the evaluations to rebuild it.
+
+    Args:
+        method: the pretraining method (``mae``, ``dino``, ...).
+        arch: the registered model name the run was configured with.
+        encoder: the exported ViT (``pretrain.models.vit.VisionTransformer`` or the CLIP image tower).
+        view: the first training view (``data_pipelines.augment.ViewSpec``): size and normalisation.
+
+    Returns:
+        The description, keys in a fixed order; a method adds its own keys after them.
+    """
+    return {
+        "method": method,
+        "arch": arch,
+        "img_size": view.size,
+        "patch_size": encoder.patch_size,
+        "embed_dim": encoder.embed_dim,
+        "depth": encoder.depth,
+        "num_heads": encoder.blocks[0].attn.num_heads,
+        "mlp_ratio": encoder.mlp_ratio,
+        "pos_embed": encoder.pos_embed_type,
+        "feature": "cls",
+        "mean": list(view.mean),
+        "std": list(view.std),
+    }
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipelines.augment import ViewSpec, clip_views
+from pretrain.export import vit_backbone_meta
 from pretrain.methods import register_method
 from pretrain.methods.base import NO_WEIGHT_DECAY_LEAVES, Method, MethodConfigBase
 from pretrain.methods.context import RunInfo, StepContext
@@ -301,21 +302,10 @@ class CLIP(Method):
             if k.startswith(prefix) and not k.startswith(visual_prefix)
         }
         visual, view = self.clip.visual, self.views()[0]
-        meta = {
-            "method": "clip",
-            "arch": self.model_name,
-            "img_size": view.size,
-            "patch_size": visual.patch_size,
-            "embed_dim": visual.embed_dim,
-            "depth": visual.depth,
-            "num_heads": visual.blocks[0].attn.num_heads,
-            "mlp_ratio": visual.mlp_ratio,
-            "pos_embed": visual.pos_embed_type,
-            "pre_norm": True,
-            "norm_eps": CLIP_NORM_EPS,
-            "feature": "cls",
-            "mean": list(view.mean),
-            "std": list(view.std),
-            "clip": {"embed_dim": self.clip.embed_dim, "text": asdict(self.clip.text.spec)},
-        }
+        meta = vit_backbone_meta("clip", self.model_name, visual, view)
+        meta.update(
+            pre_norm=True,
+            norm_eps=CLIP_NORM_EPS,
+            clip={"embed_dim": self.clip.embed_dim, "text": asdict(self.clip.text.spec)},
+        )
         return {"backbone": backbone, "clip": heads}, meta

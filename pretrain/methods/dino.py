@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_pipelines.augment import ViewSpec, dino_views
+from pretrain.export import vit_backbone_meta
 from pretrain.methods import register_method
 from pretrain.methods.base import Method, MethodConfigBase
 from pretrain.methods.context import RunInfo, StepContext
@@ -475,21 +476,6 @@ class DINO(Method):
         """The TEACHER's encoder (DINO evaluates the teacher), with timm's names and MAE's JSON keys."""
         prefix = "teacher.backbone."
         backbone = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        enc = self.teacher.backbone
-        view = self.views()[0]
-        meta = {
-            "method": "dino",
-            "arch": self.model_name,
-            "img_size": view.size,
-            "patch_size": enc.patch_size,
-            "embed_dim": enc.embed_dim,
-            "depth": enc.depth,
-            "num_heads": enc.blocks[0].attn.num_heads,
-            "mlp_ratio": enc.mlp_ratio,
-            "pos_embed": enc.pos_embed_type,
-            "feature": "cls",
-            "mean": list(view.mean),
-            "std": list(view.std),
-            "network": "teacher",
-        }
+        meta = vit_backbone_meta("dino", self.model_name, self.teacher.backbone, self.views()[0])
+        meta["network"] = "teacher"
         return backbone, meta

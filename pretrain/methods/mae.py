@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from data_pipelines.augment import ViewSpec, mae_views
+from pretrain.export import vit_backbone_meta
 from pretrain.methods import register_method
 from pretrain.methods.base import Method, MethodConfigBase
 from pretrain.methods.context import StepContext
@@ -274,19 +275,5 @@ class MAE(Method):
     def export_backbone(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
         prefix = "encoder."
         backbone = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        enc = self.encoder
-        meta = {
-            "method": "mae",
-            "arch": self.model_name,
-            "img_size": self.views()[0].size,
-            "patch_size": enc.patch_size,
-            "embed_dim": enc.embed_dim,
-            "depth": enc.depth,
-            "num_heads": enc.blocks[0].attn.num_heads,
-            "mlp_ratio": enc.mlp_ratio,
-            "pos_embed": enc.pos_embed_type,
-            "feature": "cls",
-            "mean": list(self.views()[0].mean),
-            "std": list(self.views()[0].std),
-        }
+        meta = vit_backbone_meta("mae", self.model_name, self.encoder, self.views()[0])
         return backbone, meta
