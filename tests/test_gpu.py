@@ -1,4 +1,4 @@
-"""What only a CUDA device can check: bf16 training with MFU, the pinned-memory asynchronous checkpoint,
+"""What only a CUDA device can check: bf16 training with MFU, one precision policy in both engines (bf16), the pinned-memory asynchronous checkpoint,
 FSDP2 (NCCL) in one process, the loader's normalization on the rank's GPU, and nvJPEG (the decoder
 behind DALI's GPU decode) on the JPEGs ``build_shards`` writes. Skipped without CUDA.
 
@@ -145,3 +145,25 @@ def test_fsdp2_in_one_process_on_cuda_equals_the_single_engine(tmp_path: Path) -
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a), (a, b)
     saves = [r for r in _records(tmp_path / "fsdp") if r.get("event") == "checkpoint"]
     assert [(r["step"], r["background"]) for r in saves] == [(1, True), (2, True), (3, False)]
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [("mae/tiny_fmnist.yaml", ()), ("dino/tiny_fmnist.yaml", ("train.steps_per_epoch=10",))],
+)
+def test_bf16_single_engine_and_fsdp2_follow_one_precision_policy(
+    tmp_path: Path, config: str, extra: tuple[str, ...]
+) -> None:
+    """One precision policy across engines (pretrain/precision.py): the single engine and one-rank FSDP2 in
+    bf16 give the same losses to bf16 accuracy (~3 significant digits), the losses computed in fp32 in both."""
+    args = ["train.steps=3", "train.precision=bf16", *extra]
+    for engine in ("single", "fsdp2"):
+        run_cmd(
+            train_cmd(1, *_common(tmp_path, engine, *args, f"engine.name={engine}"), config=RECIPES / config)
+        )
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "fsdp2")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(math.isfinite(a[s]) and abs(a[s] - b[s]) <= 2e-2 * abs(a[s]) for s in a), (a, b)
