@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,7 +79,7 @@ if __name__ == "__main__":
 from safetensors.torch import load_file  # noqa: E402
 
 from tests.conftest import _free_port, python_env, run_cmd, train_cmd  # noqa: E402
-from tests.test_train_distributed import _kill_group, _start, _wait_for_step, common, losses  # noqa: E402
+from tests.test_train_distributed import common, kill9_after_save, losses  # noqa: E402
 
 pytestmark = pytest.mark.multiproc
 
@@ -140,14 +139,7 @@ def test_kill9_and_resume_is_bitwise_identical(tmp_path: Path, tux_shards: Path)
     ]
     run_cmd(train_cmd(2, *common(tmp_path, "straight", *args), config=TINY), timeout=600)
     cmd = train_cmd(2, *common(tmp_path, "killed", *args), config=TINY)
-    proc = _start(cmd, tmp_path / "killed.log")
-    _wait_for_step(tmp_path / "killed", proc, 11)
-    marker = tmp_path / "killed" / "checkpoints" / "step_00000010" / "COMPLETE"
-    deadline = time.time() + 60
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert marker.exists() and proc.poll() is None, "step 10 was not completed while the job ran"
-    _kill_group(proc)
+    kill9_after_save(cmd, tmp_path / "killed", tmp_path / "killed.log", reach=11, save=10)
     run_cmd(cmd, timeout=600)
     ref, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
     assert sorted(ref) == sorted(got) == list(range(1, 17))

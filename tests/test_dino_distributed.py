@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from tests.conftest import ROOT, run_cmd
 from tests.conftest import train_cmd as _train_cmd
-from tests.test_train_distributed import _kill_group, _start, _wait_for_step, common, export_weights, losses
+from tests.test_train_distributed import common, export_weights, kill9_after_save, losses
 
 pytestmark = pytest.mark.multiproc
 
@@ -104,14 +103,7 @@ def test_kill9_and_resume_is_bitwise_identical(tmp_path: Path, fmnist_shards: Pa
     run_cmd(train_cmd(2, *common(tmp_path, "straight", *args)), timeout=600)
 
     cmd = train_cmd(2, *common(tmp_path, "killed", *args))
-    proc = _start(cmd, tmp_path / "killed.log")
-    _wait_for_step(tmp_path / "killed", proc, 9, timeout=400)
-    marker = tmp_path / "killed" / "checkpoints" / "step_00000008" / "COMPLETE"
-    deadline = time.time() + 60
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert marker.exists() and proc.poll() is None, "step 8 was not completed while the job ran"
-    _kill_group(proc)  # SIGKILL every rank and the launcher
+    kill9_after_save(cmd, tmp_path / "killed", tmp_path / "killed.log", reach=9, save=8, timeout=400)
     run_cmd(cmd, timeout=600)  # the same command again resumes from step 8
 
     ref, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")

@@ -122,6 +122,22 @@ def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: fl
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
+def kill9_after_save(
+    cmd: list[str], run_dir: Path, log: Path, *, reach: int, save: int, timeout: float = 240
+) -> None:
+    """Start ``cmd``, wait until it logged step ``reach`` and checkpoint ``save`` is COMPLETE (saves are
+    written in the background and marked at a later step boundary), then SIGKILL every rank and the
+    launcher while the job still runs."""
+    proc = _start(cmd, log)
+    _wait_for_step(run_dir, proc, reach, timeout=timeout)
+    marker = run_dir / "checkpoints" / f"step_{save:08d}" / "COMPLETE"
+    deadline = time.time() + 60
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert marker.exists() and proc.poll() is None, f"step {save} was not completed while the job ran"
+    _kill_group(proc)
+
+
 def test_kill9_and_resume_is_bitwise_identical(tmp_path: Path, fmnist_shards: Path):
     args = [
         f"data.shards={fmnist_shards}",
@@ -134,16 +150,7 @@ def test_kill9_and_resume_is_bitwise_identical(tmp_path: Path, fmnist_shards: Pa
     run_cmd(train_cmd(2, *common(tmp_path, "straight", *args)), timeout=600)
 
     cmd = train_cmd(2, *common(tmp_path, "killed", *args))
-    proc = _start(cmd, tmp_path / "killed.log")
-    _wait_for_step(tmp_path / "killed", proc, 13)
-    # Step 10's save is written in the background (train.async_checkpoint) and marked COMPLETE at the
-    # first step boundary after both ranks finished writing: wait for the marker, then kill.
-    marker = tmp_path / "killed" / "checkpoints" / "step_00000010" / "COMPLETE"
-    deadline = time.time() + 60
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert marker.exists() and proc.poll() is None, "step 10 was not completed while the job ran"
-    _kill_group(proc)  # SIGKILL every rank and the launcher
+    kill9_after_save(cmd, tmp_path / "killed", tmp_path / "killed.log", reach=13, save=10)
     run_cmd(cmd, timeout=600)  # the same command again resumes
 
     ref, got = losses(tmp_path / "straight"), losses(tmp_path / "killed")
