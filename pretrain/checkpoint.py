@@ -1,165 +1,61 @@
-"""Sharded checkpoints (torch.distributed.checkpoint) with a COMPLETE marker, and backbone exports.
+"""The run's checkpoint bookkeeping around the engine's state I/O, and backbone exports.
 
 Layout under ``runs/<name>/``::
 
-    checkpoints/step_00001000/   DCP shards (*.distcp, .metadata), trainer_state.json, COMPLETE (last)
+    checkpoints/step_00001000/   the engine's files (DCP shards for single/FSDP2, DeepSpeed's own files),
+                                 trainer_state.json, COMPLETE (last)
     checkpoints/latest -> step_00001000   moved only after COMPLETE is durable
     exports/step_00001000/       backbone.safetensors (+ a method's other files), backbone.json, COMPLETE
                                  (see pretrain/export.py)
 
-A checkpoint directory without ``COMPLETE`` does not exist for resume or evals. Loading a
-checkpoint with a different number of ranks works: DCP reshards on load. Pruned checkpoints are
+This module owns what is the same for every engine: step directories, ``trainer_state.json``,
+``COMPLETE`` written last, ``latest``, keep-last-k with background deletion, and the export. Reading and
+writing the model and optimizer state belongs to the engine (:meth:`Engine.save_state`,
+:meth:`Engine.load_state`; DCP in ``pretrain/engines/dcp_state.py``).
+
+A checkpoint directory without ``COMPLETE`` does not exist for resume or evals. Pruned checkpoints are
 renamed ``.deleting.step_N`` (atomic) and deleted by a background thread.
 
-Saves can be asynchronous (``train.async_checkpoint``): training stops only while the state is copied
-to host memory (pinned on CUDA), a background thread writes the files over a gloo group of its own, and
-``COMPLETE`` / ``latest`` are written when every rank's write has finished. At most one save is in
-flight: the next save, a stop request and the end of the run wait for it first.
+Saves can be asynchronous (``train.async_checkpoint``) where the engine can write in the background
+(DCP): training stops only while the state is staged, and ``COMPLETE`` / ``latest`` are written when every
+rank's write has finished. At most one save is in flight: the next save, a stop request and the end of the
+run wait for it first.
 
-Nothing is ever unpickled without restriction: DCP's ``.metadata`` file is read with an unpickler
-that only admits DCP's own metadata classes and torch sizes/dtypes, byte entries are read with
-``torch.load(weights_only=True)``, trainer state is JSON, exports are safetensors.
+Nothing is ever unpickled without restriction (each engine's reader says how); trainer state is JSON,
+exports are safetensors.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import pickle
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException  # stable since torch 2.2
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem
 
 from pretrain.distributed import DistEnv, barrier
 from pretrain.engines.base import Engine
+from pretrain.engines.state_io import CheckpointError
 from pretrain.export import BACKBONE_STEM, COMPLETE, STEP_DIR, as_bundle, publish_export, step_dir_name
 from pretrain.fileio import atomic_symlink, atomic_write_text
 
+__all__ = ["CheckpointError", "CheckpointManager", "CheckpointWriteError", "SaveRecord", "complete_steps"]
+
 log = logging.getLogger(__name__)
-# DCP warns on every single-process save/load; single-process is a supported mode here, not a mistake.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 _RETIRED = ".deleting."  # prefix of a pruned directory being deleted in the background
 # COMPLETE, STEP_DIR and step_dir_name come from pretrain.export: one pattern for checkpoints, exports
 # and the evaluations that read them.
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with the path and the reason."""
-
-
 class CheckpointWriteError(RuntimeError):
     """A save that failed while writing (disk full, I/O error): the run stops, earlier checkpoints stay."""
-
-
-# ---- safe loading ------------------------------------------------------------------------------
-# Globals a DCP .metadata pickle legitimately references (checked against torch 2.11-2.14 output).
-_ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
-_ALLOWED_GLOBALS = {
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("torch", "strided"),
-    ("torch", "sparse_coo"),
-    ("torch", "contiguous_format"),
-    ("torch", "channels_last"),
-    ("torch", "preserve_format"),
-    ("torch.serialization", "_get_layout"),  # looks a torch.layout up by name
-    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "getattr"),
-    ("enum", "Enum"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, f: io.BufferedIOBase, source: str) -> None:
-        super().__init__(f)
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(_ALLOWED_MODULE_PREFIXES) and not name.startswith("__"):
-            return super().find_class(module, name)
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise CheckpointError(
-            f"{self.source}: refusing to unpickle '{module}.{name}': a checkpoint's metadata may only "
-            "reference torch.distributed.checkpoint metadata classes, torch sizes and dtypes. "
-            "This file was not written by this project (or was tampered with); it was not loaded."
-        )
-
-
-class SafeFileSystemReader(dcp.FileSystemReader):
-    """``FileSystemReader`` whose metadata is read with a restricted unpickler."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
-        with self.fs.create_stream(path, "rb") as f:
-            try:
-                metadata = _RestrictedUnpickler(f, str(path)).load()
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{path}: unreadable checkpoint metadata: {e}") from None
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path}: not DCP metadata (got {type(metadata).__name__})")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """Non-tensor entries (optimizer hyper-parameters) are loaded with ``weights_only=True``."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        try:
-            obj = torch.load(value, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(
-                f"refusing to load entry '{read_item.dest_index.fqn}': not plain data ({e})"
-            ) from None
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-def _drop_state_never_saved(state: dict[str, Any], metadata: Metadata) -> None:
-    """Remove from the load template the optimizer state of parameters the checkpoint has none for.
-
-    AdamW creates a parameter's state at its first update. A parameter whose gradient a method cancels
-    for a while (DINO's ``cancel_gradients_last_layer``, SwAV's frozen prototypes) has none in a
-    checkpoint taken meanwhile, but DCP's load template (``get_state_dict``) has it for every trainable
-    parameter: left there, the load fails with "Missing key"; zero-filled, the resumed run's first update
-    of that parameter would differ (Adam's step count). Removed, the parameter starts fresh after the
-    resume exactly as it would have without the interruption.
-    """
-    saved = metadata.state_dict_metadata
-    optim_state = state["optim"]["state"]
-    for fqn in list(optim_state):
-        if not any(f"optim.state.{fqn}.{key}" in saved for key in optim_state[fqn]):
-            del optim_state[fqn]
 
 
 def complete_steps(parent: Path) -> list[int]:
@@ -196,29 +92,6 @@ class _PendingSave:
     stall_s: float
 
 
-def _reusable_stager(device: torch.device) -> Any:
-    """The manager's own stager: host buffers allocated at the first save and reused by the next ones.
-
-    On CUDA the buffers are pinned and the copies non-blocking, synchronised before ``async_save``
-    returns (``use_async_staging=False``), so the optimizer never changes a tensor mid-copy. ``None``
-    (DCP's default copy per save) where this torch lacks the staging options.
-    """
-    cuda = device.type == "cuda"
-    try:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-        options = StagingOptions(
-            use_pinned_memory=cuda,
-            use_shared_memory=False,
-            use_async_staging=False,
-            use_non_blocking_copy=cuda,
-        )
-    except (ImportError, TypeError) as e:
-        log.warning("checkpoint staging options unavailable (%s): DCP's default copy per save", e)
-        return None
-    return DefaultStager(options)
-
-
 def _failure_summary(e: BaseException) -> str:
     """' on rank(s) [..]: <last line of the cause>' for DCP's multi-rank exceptions (their text holds tracebacks)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -249,7 +122,6 @@ class CheckpointManager:
         env: DistEnv,
         keep_last: int = 2,
         async_save: bool = False,
-        timeout_s: int = 600,
     ) -> None:
         if keep_last < 2:
             raise ValueError(f"keep_last={keep_last} must be >= 2")
@@ -260,14 +132,8 @@ class CheckpointManager:
         self.async_save = async_save
         self.on_complete: Callable[[SaveRecord], None] | None = None
         self._pending: _PendingSave | None = None
-        self._group: dist.ProcessGroup | None = None
-        self._stager: Any = None
+        self._engines: list[Engine] = []  # whose state I/O to close at the end
         self._deleter: ThreadPoolExecutor | None = None  # rank 0 deletes pruned checkpoints here
-        if async_save:
-            if env.distributed:
-                # The writer thread's collectives must never interleave with the training loop's.
-                self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-            self._stager = _reusable_stager(env.device)
 
     def latest(self) -> Path | None:
         """The newest COMPLETE checkpoint (scanned, so a stale ``latest`` pointer cannot mislead)."""
@@ -301,20 +167,15 @@ class CheckpointManager:
                 shutil.rmtree(final)
             final.mkdir(parents=True)
         barrier(self.env)
-        no_dist = not self.env.distributed
-        if blocking or not self.async_save:
-            dcp.save(engine.state_dict(), checkpoint_id=final, no_dist=no_dist)
+        if engine not in self._engines:
+            self._engines.append(engine)
+        if blocking or not self.async_save or not engine.saves_in_background:
+            engine.save_state(final)
             barrier(self.env)
             self._mark_complete(step, final, trainer_state, t0, time.perf_counter() - t0, background=False)
             barrier(self.env)
             return final
-        kwargs: dict[str, Any] = {"process_group": self._group, "no_dist": no_dist}
-        if self._stager is not None:
-            kwargs["async_stager"] = self._stager
-        future = dcp.async_save(engine.state_dict(), checkpoint_id=final, **kwargs)
-        if not isinstance(future, Future):  # AsyncSaveResponse (a stager with asynchronous staging)
-            future.staging_completion.result()  # never let training change a tensor still being copied
-            future = future.upload_completion
+        future = engine.save_state_async(final)
         stall = time.perf_counter() - t0
         self._pending = _PendingSave(step, final, future, dict(trainer_state), t0, stall)
         return final
@@ -382,9 +243,9 @@ class CheckpointManager:
                 self.latest(),
             )
             self._pending = None
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
+        for engine in self._engines:
+            engine.close_state_io()
+        self._engines.clear()
         if self._deleter is not None:  # let pruned directories finish disappearing
             self._deleter.shutdown(wait=True)
             self._deleter = None
@@ -431,25 +292,12 @@ class CheckpointManager:
         path = Path(path)
         if not (path / COMPLETE).is_file():
             raise CheckpointError(f"{path}: no {COMPLETE} marker: an interrupted save, not a checkpoint")
-        state = engine.state_dict()
-        reader = SafeFileSystemReader(path)
         try:
-            _drop_state_never_saved(state, reader.read_metadata())
-            dcp.load(
-                state,
-                storage_reader=reader,
-                planner=SafeLoadPlanner(),
-                no_dist=not self.env.distributed,
-            )
-        except CheckpointError:
-            raise
-        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise CheckpointError(f"{path}: cannot be loaded into this model: {e}") from None
-        engine.load_state_dict(state)
-        try:
-            return json.loads((path / "trainer_state.json").read_text())
+            trainer_state = json.loads((path / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}/trainer_state.json: unreadable ({e})") from None
+        engine.load_state(path, saved_world_size=int(trainer_state.get("world_size", self.env.world_size)))
+        return trainer_state
 
     def export(self, step: int, engine: Engine, extra_meta: dict[str, Any]) -> Path | None:
         """Write the eval export of ``step`` (collective; rank 0 writes) through the one export writer.

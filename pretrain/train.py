@@ -199,9 +199,7 @@ def _run_owned(cfg: Any, env: Any, run_dir: Path) -> int:
     from pretrain.metrics import MetricsWriter
     from pretrain.trainer import Trainer
 
-    checkpoints = CheckpointManager(
-        run_dir, env, cfg.train.keep_last, cfg.train.async_checkpoint, cfg.engine.timeout_s
-    )
+    checkpoints = CheckpointManager(run_dir, env, cfg.train.keep_last, cfg.train.async_checkpoint)
     latest = checkpoints.latest()
     resume_step = int(latest.name.split("_")[1]) if latest else None
     ignored = checkpoints.incomplete_after(resume_step or 0)

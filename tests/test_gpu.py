@@ -123,7 +123,7 @@ def test_mae_trains_in_bf16_with_background_checkpoints_and_resumes(tmp_path: Pa
 def test_async_checkpoint_stages_to_pinned_memory_and_holds_the_state_of_its_step(tmp_path: Path) -> None:
     from torch.distributed.checkpoint.staging import DefaultStager
 
-    from pretrain.checkpoint import _reusable_stager
+    from pretrain.engines.dcp_state import _reusable_stager
     from tests.test_checkpoint_async import check_async_saves_hold_the_state_of_their_step
 
     stager = _reusable_stager(torch.device("cuda"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from pretrain.distributed import DistEnv
+from pretrain.engines.dcp_state import DCPStateIO
 from pretrain.methods.base import Method
 from pretrain.methods.context import ema_update_
 from pretrain.precision import PrecisionPolicy, resolve_precision
@@ -36,6 +39,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class Engine:
     """Owns the wrapped model and its optimizer; the trainer only calls the methods below.
 
+    Subclasses register themselves with :func:`pretrain.engines.register_engine` under a name and,
+    optionally, a dataclass of options (the config section ``engine.<name>``).
+
     Order of application (style.md): compile each block, then activation checkpointing (set by the
     model), then sharding, then the optimizer over the (possibly sharded) parameters.
     """
@@ -49,6 +55,17 @@ class Engine:
         self.method: Method
         self.optimizer: torch.optim.Optimizer
         self.static_scales: list[tuple[float, float]] = []
+        self._state_io = DCPStateIO(env, int(cfg.engine.timeout_s))
+
+    # ---- what the config validator asks every engine ----------------------------------------
+    @classmethod
+    def validate_config(cls, cfg: Any, world_size: int, errors: list[str]) -> None:
+        """Append a message per problem this engine finds in ``cfg`` for ``world_size`` ranks."""
+
+    @classmethod
+    def needs_process_group(cls, world_size: int) -> bool:
+        """Whether this engine needs torch.distributed initialised even on ``world_size`` == 1."""
+        return world_size > 1
 
     # ---- set-up ------------------------------------------------------------------------------
     def setup(self, method: Method) -> None:
@@ -144,7 +161,25 @@ class Engine:
         """
         ema_update_([_local(x) for x in targets], [_local(x) for x in sources], momentum)
 
-    # ---- state -----------------------------------------------------------------------------
+    # ---- state I/O (the checkpoint bookkeeping around it: pretrain.checkpoint) ---------------------
+    saves_in_background = True  # DCP: stage to host memory, write in a thread
+
+    def save_state(self, path: Path) -> None:
+        """Write model and optimizer state into the (existing, empty) step directory ``path``; collective."""
+        self._state_io.save(self.state_dict(), path)
+
+    def save_state_async(self, path: Path) -> Future:
+        """Stage the state and write it in the background; the future completes when the files are written."""
+        return self._state_io.save_async(self.state_dict(), path)
+
+    def load_state(self, path: Path, saved_world_size: int) -> None:
+        """Load what :meth:`save_state` wrote into ``path`` (DCP reshards any ``saved_world_size``)."""
+        self._state_io.load(self.state_dict(), path, self.load_state_dict)
+
+    def close_state_io(self) -> None:
+        """Free what background saves keep between saves (staging buffers)."""
+        self._state_io.close()
+
     def state_dict(self) -> dict[str, Any]:
         """Model and optimizer state for torch.distributed.checkpoint (sharded under FSDP2)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
