@@ -160,6 +160,7 @@ class CheckpointManager:
         final = self.ckpt_dir / step_dir_name(step)
         if (final / COMPLETE).is_file():
             return final
+        trainer_state = dict(trainer_state, state_format=engine.state_format)  # checked by load
         t0 = time.perf_counter()  # waiting for the previous save is part of this one's pause
         self.finalize()  # at most one save in flight
         if self.env.is_main:
@@ -296,6 +297,14 @@ class CheckpointManager:
             trainer_state = json.loads((path / "trainer_state.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}/trainer_state.json: unreadable ({e})") from None
+        saved_format = trainer_state.get("state_format", "dcp")  # checkpoints from before engines had one
+        if saved_format != engine.state_format:
+            raise CheckpointError(
+                f"{path}: its model/optimizer state is in {saved_format!r} format, but this run's engine "
+                f"({type(engine).__name__}) reads {engine.state_format!r}. Resume with the engine that wrote it "
+                "(the run's config.yaml names it), or start a new run from its export with "
+                "init.from=<run>/exports/latest (weights only)."
+            )
         engine.load_state(path, saved_world_size=int(trainer_state.get("world_size", self.env.world_size)))
         return trainer_state
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +86,10 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "auto"  # auto (fsdp2 if several ranks else single) | fsdp2 | single
-    reshard_after_forward: bool = True  # FSDP2: free gathered params after forward (ZeRO-3-like)
+    """``engine``: the name and what every engine shares; each engine's own options are the section
+    ``engine.<name>``, typed by the dataclass it registered (pretrain/engines/)."""
+
+    name: str = "auto"  # auto (fsdp2 if several ranks else single) | single | fsdp2 | deepspeed
     timeout_s: int = 600  # collective timeout: a dead rank ends the job after this long
 
 
@@ -138,7 +140,7 @@ RESUME_SAFE_KEYS = frozenset(
         "data.dali_hw_decoder_load",
         "data.worker_priority",
         "engine.timeout_s",
-        "engine.reshard_after_forward",
+        "engine.fsdp2.reshard_after_forward",
         "resume.allow_config_change",
         "metrics.peak_tflops",
     }
@@ -178,11 +180,15 @@ def _nearest_key_error(schema: DictConfig, bad_key: str, where: str) -> ConfigEr
 
 
 def _schema_for(method_name: str | None) -> DictConfig:
+    from pretrain.engines import ENGINE_OPTIONS  # late: engines import torch.distributed
     from pretrain.methods import method_config_class  # late: methods import models
 
     schema = OmegaConf.structured(Config)
     OmegaConf.set_struct(schema, False)
     schema.init = OmegaConf.create(dict(INIT_DEFAULTS))
+    # engine.<name>: each registered engine's typed options, as fields of an EngineConfig subclass.
+    sections = [(n, opts, field(default_factory=opts)) for n, opts in sorted(ENGINE_OPTIONS.items())]
+    schema.engine = OmegaConf.structured(make_dataclass("EngineConfig", sections, bases=(EngineConfig,)))
     if method_name is not None:
         schema.method = OmegaConf.structured(method_config_class(method_name))
     OmegaConf.set_struct(schema, True)
@@ -337,6 +343,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     Keys with a finite set of values name the nearest valid value; cross-field rules name every key
     involved; finally the method is built on the meta device, so a config that passes here builds.
     """
+    from pretrain.engines import validate_engine_config  # late: engines import torch.distributed
+
     errors: list[str] = []
     run, train, optim = cfg.run, cfg.train, cfg.optim
     if not run.name or not _RUN_NAME.match(run.name):
@@ -368,9 +376,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if train.visualize_samples < 1:
         errors.append(f"train.visualize_samples={train.visualize_samples} must be >= 1")
     _choice(errors, "train.precision", train.precision, ("auto", "bf16", "fp32"))
-    engine_ok = _choice(errors, "engine.name", cfg.engine.name, ("auto", "fsdp2", "single"))
-    if engine_ok and cfg.engine.name == "single" and world_size > 1:
-        errors.append(f"engine.name=single cannot run on {world_size} ranks; use fsdp2 or auto")
+    validate_engine_config(cfg, world_size, errors)
     if cfg.engine.timeout_s <= 0:
         errors.append(f"engine.timeout_s={cfg.engine.timeout_s} must be > 0 (seconds)")
     if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):

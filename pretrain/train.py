@@ -110,9 +110,10 @@ def run(cfg: Any) -> int:
     """
     from pretrain.config import check_run_config
     from pretrain.distributed import init_distributed
+    from pretrain.engines import needs_process_group
     from pretrain.run_lock import RunLock
 
-    env = init_distributed(cfg.engine.timeout_s, require_group=cfg.engine.name == "fsdp2")
+    env = init_distributed(cfg.engine.timeout_s, require_group=needs_process_group(cfg.engine.name))
     run_dir = Path(cfg.run.root) / cfg.run.name
     lock = RunLock(run_dir) if env.is_main else None
     error: BaseException | None = None

@@ -184,7 +184,7 @@ class Trainer:
         ctx = self.context(step, 0, BatchRandom(self.cfg.run.seed, -1, 0, n, self.device))
         self.model.eval()
         with torch.no_grad(), self.engine.autocast():
-            images = self.model.visualize(self.visual_batch, ctx)
+            images = self.engine.visualize(self.visual_batch, ctx)
         self.model.train()
         if self.env.is_main:
             self.writer.images(step, {k: v.detach().float().cpu() for k, v in images.items()})

@@ -47,7 +47,7 @@ def test_fsdp2_two_ranks_equals_one_process(tmp_path: Path):
         "train.global_batch_size=16",
         "optim.warmup_steps=1",
         "train.ckpt_every=100",
-        "engine.reshard_after_forward=true",
+        "engine.fsdp2.reshard_after_forward=true",
         "train.visualize_every=2",  # the method's pictures run like forward under FSDP2 (every rank)
     ]
     run_cmd(train_cmd(1, *common(tmp_path, "single", *args, "engine.name=single")))

@@ -95,6 +95,10 @@ class Engine:
         """The forward pass's compute region under the run's precision policy (same for every engine)."""
         return self.precision.autocast()
 
+    def visualize(self, batch: dict[str, Any], ctx: Any) -> dict[str, torch.Tensor]:
+        """The method's TensorBoard images of ``batch`` (called under no_grad and :meth:`autocast`)."""
+        return self.model.visualize(batch, ctx)  # type: ignore[operator]
+
     def set_grad_sync(self, enabled: bool) -> None:
         """Whether the next backward reduces gradients across ranks (off for non-final micro-batches)."""
 
@@ -163,6 +167,7 @@ class Engine:
 
     # ---- state I/O (the checkpoint bookkeeping around it: pretrain.checkpoint) ---------------------
     saves_in_background = True  # DCP: stage to host memory, write in a thread
+    state_format = "dcp"  # recorded in trainer_state.json: a resume checks it before reading any file
 
     def save_state(self, path: Path) -> None:
         """Write model and optimizer state into the (existing, empty) step directory ``path``; collective."""

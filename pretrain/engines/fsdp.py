@@ -9,23 +9,38 @@ while master weights, optimizer state and gradient reduction stay fp32
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from pretrain.engines import register_engine
 from pretrain.engines.base import Engine
 from pretrain.methods.base import Method
 
 
+@dataclass
+class FSDP2Options:
+    """``engine.fsdp2``: options of the FSDP2 engine."""
+
+    reshard_after_forward: bool = True  # free gathered params after forward (ZeRO-3-like); false ~ ZeRO-2
+
+
+@register_engine("fsdp2", FSDP2Options)
 class FSDP2Engine(Engine):
+    @classmethod
+    def needs_process_group(cls, world_size: int) -> bool:
+        return True  # fully_shard needs a device mesh, even of one rank
+
     def wrap(self, method: Method) -> nn.Module:
         method.to(self.device)
         mesh = init_device_mesh(self.device.type, (self.env.world_size,))
         mp = MixedPrecisionPolicy(
             param_dtype=self.dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
         )
-        reshard = bool(self.cfg.engine.reshard_after_forward)
+        reshard = bool(self.cfg.engine.fsdp2.reshard_after_forward)
         for unit in method.shard_units():
             fully_shard(unit, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         # The root's parameters are gathered for the whole step anyway: keep them after forward.

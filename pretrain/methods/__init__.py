@@ -56,6 +56,11 @@ def _lookup(name: str) -> tuple[type[Method], type]:
     return _METHODS[name]
 
 
+def method_class(name: str) -> type[Method]:
+    """The class of method ``name`` (raises KeyError naming the valid methods)."""
+    return _lookup(name)[0]
+
+
 def method_config_class(name: str) -> type:
     """The config dataclass of method ``name`` (raises KeyError naming the valid methods)."""
     return _lookup(name)[1]
@@ -72,6 +77,7 @@ __all__ = [
     "MethodConfigBase",
     "build_method",
     "list_methods",
+    "method_class",
     "method_config_class",
     "register_method",
 ]
