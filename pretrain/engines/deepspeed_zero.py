@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,8 @@ class DeepSpeedEngine(Engine):
             foreach=True,
         )
         self.zero_stage = int(self.cfg.engine.deepspeed.zero_stage)
+        # DeepSpeed insists on LOCAL_RANK, which a one-process run without a launcher does not set.
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))
         with _quiet_deepspeed():
             ds_engine, ds_optimizer, _, _ = deepspeed.initialize(
                 model=method, optimizer=optimizer, config=self.deepspeed_config(), dist_init_required=False
