@@ -32,6 +32,8 @@ $(STAMP): requirements.txt setup.py
 	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
 	$(BIN)/python -m pip install -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	# DeepSpeed's shared-memory comm op, compiled now instead of at the first engine.name=deepspeed run
+	$(BIN)/python -m pretrain.engines.deepspeed_ops
 	touch $@
 
 install: $(STAMP)

@@ -6,13 +6,19 @@ discarded and the median of the others is reported. With ``--compare-synthetic``
 repeated with ``data.backend=synthetic``, alternating A/B in one invocation; the ratio of step
 times (real loader / synthetic data) of each back-to-back pair cancels drift of the machine's
 speed between repeats, and the median over pairs tells whether the loader keeps up (target
-<= 1.05).
+<= 1.05). ``--variant NAME=OVERRIDES`` (repeatable) compares configurations the same way, e.g. the engines
+side by side on one machine: each variant's step time and peak memory, and its step-time ratio to the
+first variant within each round.
 
 Examples::
 
     python benchmarks/train_throughput.py --config configs/mae/tiny_fmnist.yaml --compare-synthetic
     python benchmarks/train_throughput.py --config configs/mae/vit_l16_in1k.yaml --nproc 1 \\
         train.global_batch_size=256 data.backend=synthetic          # one GPU, bf16
+    python benchmarks/train_throughput.py --config configs/mae/vit_l16_in1k.yaml --nproc 2 \
+        --variant fsdp2="engine.name=fsdp2" \
+        --variant zero3="engine.name=deepspeed engine.deepspeed.zero_stage=3" \
+        model.img_size=64 train.global_batch_size=8 data.backend=synthetic   # engines, side by side
 """
 
 from __future__ import annotations
@@ -67,11 +73,27 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=3, help="measured windows per run (after one warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="runs per variant, alternated A/B")
     p.add_argument("--compare-synthetic", action="store_true", help="also run data.backend=synthetic")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="a configuration to compare (space-separated key=value overrides); repeat for each",
+    )
     p.add_argument("--json", help="write the results here too")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
 
-    variants = {"real": []}
+    if args.variant and args.compare_synthetic:
+        p.error("--variant and --compare-synthetic: one comparison at a time")
+    variants: dict[str, list[str]] = {"real": []}
+    if args.variant:
+        variants = {}
+        for spec in args.variant:
+            name, sep, overrides = spec.partition("=")
+            if not sep or not name:
+                p.error(f"--variant {spec!r}: expected NAME=key=value [key=value ...]")
+            variants[name] = overrides.split()
     if args.compare_synthetic:
         variants["synthetic"] = ["data.backend=synthetic"]
     results: dict[str, list[dict]] = {k: [] for k in variants}
@@ -90,6 +112,11 @@ def main() -> None:
                     file=sys.stderr,
                 )
     summary: dict = {k: summarize(v) for k, v in results.items()}
+    if args.variant:  # each variant's step time over the first variant's, run by run (same round)
+        first = next(iter(variants))
+        for name in variants:
+            pairs = [a / b for a, b in zip(per_run[name], per_run[first], strict=True)]
+            summary[name][f"ratio_step_time_to_{first}"] = round(statistics.median(pairs), 4)
     if args.compare_synthetic:
         # Paired design: run r of each variant ran back to back (in alternating order), so drift of
         # the machine's speed between repeats cancels in their ratio; the median over pairs is reported.

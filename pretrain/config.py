@@ -1,7 +1,8 @@
 """Typed configuration: dataclass schema under OmegaConf.
 
 Layers, lowest to highest precedence: the dataclass defaults below, the recipe YAML
-(``configs/<method>/<recipe>.yaml``), then ``key=value`` overrides from the command line.
+(``configs/<method>/<recipe>.yaml``; a recipe may start from another with ``base: other.yaml``, a path
+relative to it, and change only what differs), then ``key=value`` overrides from the command line.
 The ``method`` section is typed by the dataclass the method registered itself with, so every
 key of every section is checked. Unknown keys are rejected naming the nearest valid key,
 cross-field rules are checked in :func:`validate`, and the resolved config is written to the
@@ -219,6 +220,21 @@ def _read_yaml(path: Path) -> DictConfig:
     return loaded
 
 
+def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """A recipe with its ``base:`` chain resolved: the base's keys, overridden by this file's."""
+    layer = _read_yaml(path)
+    base = layer.pop("base", None)
+    if base is None:
+        return layer
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in (*chain, path.resolve()):
+        raise ConfigError(f"{path}: 'base: {base}' makes a cycle ({' -> '.join(str(p) for p in (*chain, path))})")
+    try:
+        return OmegaConf.merge(_read_recipe(base_path, (*chain, path.resolve())), layer)  # type: ignore[return-value]
+    except ConfigError as e:
+        raise ConfigError(f"{path}: base: {base}: {e}") from None
+
+
 def _parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -245,7 +261,7 @@ def load_config(
     Raises:
         ConfigError: naming the file/key/value and what would be valid.
     """
-    yaml_layer = _read_yaml(Path(path)) if path is not None else OmegaConf.create({})
+    yaml_layer = _read_recipe(Path(path)) if path is not None else OmegaConf.create({})
     cli_layer = _parse_overrides(list(overrides))
     method_name = OmegaConf.select(cli_layer, "method.name", default=None) or OmegaConf.select(
         yaml_layer, "method.name", default=None

@@ -95,6 +95,21 @@ def test_size_rules_name_the_registry_values_they_use():
         load_config(None, [*base, "model.img_size=100"])
 
 
+def test_a_recipe_starts_from_its_base_and_changes_only_what_differs(tmp_path: Path):
+    zero3 = load_config(ROOT / "configs" / "mae" / "vit_l16_in1k_zero3.yaml", world_size=64)
+    paper = load_config(PAPER_MAE, world_size=64)
+    assert zero3.engine.name == "deepspeed" and zero3.engine.deepspeed.zero_stage == 3
+    diff = {k for k in diff_configs(paper, zero3)}
+    assert diff == {"run.name", "engine.name", "engine.deepspeed.zero_stage"}, diff
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nmethod:\n  name: mae\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="c.yaml: base: missing.yaml: config file not found"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_unknown_method_suggests():
     with pytest.raises(ConfigError, match="did you mean 'mae'"):
         load_config(TINY_MAE, ["method.name=maee"])

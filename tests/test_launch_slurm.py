@@ -407,6 +407,33 @@ def test_usr2_preemption_saves_on_all_ranks_requeues_once_and_resumes_bitwise(
     assert_bitwise_equal(run_dir, reference)
 
 
+@pytest.mark.slurm
+def test_deepspeed_zero2_run_is_preempted_requeued_and_resumed_with_fsdp2s_losses(
+    slurm_cluster, tmp_path, fmnist_shards, reference
+):
+    """The same launcher, requeue and resume path with engine.name=deepspeed: USR2 mid-run, DeepSpeed's
+    files saved by both ranks into the agreed step, one requeue, the next attempt resumes there; every
+    step's loss equals the FSDP2 reference run's (same maths: tests/test_engine_deepspeed.py)."""
+    run_dir = tmp_path / "zero2"
+    jid = submit(tmp_path, "zero2", fmnist_shards, "engine.name=deepspeed", "engine.deepspeed.zero_stage=2")
+    with cancel_on_exit(slurm_cluster, jid):
+        wait_step(slurm_cluster, jid, run_dir, 12)
+        slurm_cluster.run(["scancel", "--signal=USR2", jid])
+        stopped = slurm_cluster.wait_for(
+            lambda: events(run_dir, "stopped"), timeout=60, what="the stop at a step"
+        )
+        step = stopped[0]["step"]
+        ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+        assert (ckpt / "COMPLETE").exists(), logs(run_dir, jid)
+        assert all((ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").exists() for r in (0, 1))
+        slurm_cluster.wait_state(jid, "COMPLETED", timeout=240)
+    assert attempts(slurm_cluster, jid) == ["REQUEUED", "COMPLETED"]
+    assert [(e["step"], e["resumed"]) for e in events(run_dir, "start")] == [(0, False), (step, True)]
+    ref, got = losses(reference), losses(run_dir)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    assert all(abs(got[s] - ref[s]) < 1e-5 for s in ref), {s: (ref[s], got[s]) for s in ref}
+
+
 def wait_gone_from_queue(cluster, job_id: str, timeout: float = 60) -> None:
     """Until squeue no longer lists the job (COMPLETING counts: the launcher refuses a second job then)."""
 
