@@ -228,7 +228,9 @@ def _read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         return layer
     base_path = (path.parent / str(base)).resolve()
     if base_path in (*chain, path.resolve()):
-        raise ConfigError(f"{path}: 'base: {base}' makes a cycle ({' -> '.join(str(p) for p in (*chain, path))})")
+        raise ConfigError(
+            f"{path}: 'base: {base}' makes a cycle ({' -> '.join(str(p) for p in (*chain, path))})"
+        )
     try:
         return OmegaConf.merge(_read_recipe(base_path, (*chain, path.resolve())), layer)  # type: ignore[return-value]
     except ConfigError as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.components import IN_CI, skip_or_fail  # noqa: F401  (re-exported: tests import them from here)
+from tests.components import IN_CI, skip_or_fail
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -167,3 +167,17 @@ def _fail_session(session: pytest.Session, lines: list[str]) -> None:
     else:
         print("\n".join(lines), file=sys.stderr)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def tux_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Tux Paint stamps as CLIP shards with the held-out split (Debian tuxpaint-stamps-default)."""
+    from data_pipelines.image_text import TUXPAINT_STAMPS
+
+    if not TUXPAINT_STAMPS.is_dir():
+        skip_or_fail(
+            f"{TUXPAINT_STAMPS} missing: install the Debian package tuxpaint-stamps-default (make system-deps)"
+        )
+    out = tmp_path_factory.mktemp("tuxpaint")
+    run_cmd([sys.executable, "-m", "data_pipelines.image_text", "tuxpaint", str(out), "--quiet"], timeout=300)
+    return out

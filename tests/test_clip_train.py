@@ -84,22 +84,6 @@ from tests.test_train_distributed import common, kill9_after_save, losses  # noq
 pytestmark = pytest.mark.multiproc
 
 
-@pytest.fixture(scope="module")
-def tux_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Tux Paint stamps as CLIP shards with the held-out split (Debian tuxpaint-stamps-default)."""
-    from data_pipelines.image_text import TUXPAINT_STAMPS
-
-    if not TUXPAINT_STAMPS.is_dir():
-        from tests.conftest import skip_or_fail
-
-        skip_or_fail(
-            f"{TUXPAINT_STAMPS} missing: install the Debian package tuxpaint-stamps-default (make system-deps)"
-        )
-    out = tmp_path_factory.mktemp("tuxpaint")
-    run_cmd([sys.executable, "-m", "data_pipelines.image_text", "tuxpaint", str(out), "--quiet"], timeout=300)
-    return out
-
-
 def test_two_ranks_gathered_loss_and_gradients_equal_one_process(tmp_path: Path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     run_cmd([sys.executable, __file__, str(one)], timeout=300)

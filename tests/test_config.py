@@ -106,7 +106,7 @@ def test_a_recipe_starts_from_its_base_and_changes_only_what_differs(tmp_path: P
     with pytest.raises(ConfigError, match="makes a cycle"):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
-    with pytest.raises(ConfigError, match="c.yaml: base: missing.yaml: config file not found"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: base: missing\.yaml: config file not found"):
         load_config(tmp_path / "c.yaml")
 
 

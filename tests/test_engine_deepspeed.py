@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from pretrain.config import ConfigError, load_config
 from tests.components import require_module
 from tests.conftest import TINY_MAE, run_cmd, train_cmd
-from tests.test_clip_train import tux_shards  # noqa: F401  (the Tux Paint CLIP shards fixture)
 from tests.test_train_distributed import common, export_weights, kill9_after_save, losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +88,9 @@ def test_zero3_export_loads_strict_into_timm_with_the_same_features(tmp_path: Pa
                       pos_embed=meta["pos_embed"])  # fmt: skip
     ours.load_state_dict(weights, strict=True)
     x = torch.randn(2, 3, meta["img_size"], meta["img_size"])
-    torch.testing.assert_close(ref.eval().forward_features(x), ours.eval().forward_features(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ref.eval().forward_features(x), ours.eval().forward_features(x), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.multiproc
@@ -98,7 +99,9 @@ def test_clip_under_zero3_equals_fsdp2(tmp_path: Path, tux_shards: Path):
     contrastive loss gathers features across ranks."""
     args = [f"data.shards={tux_shards / 'train'}", "train.steps=3", "train.global_batch_size=16",
             "train.ckpt_every=100", "model.depth=2", "method.text_depth=2", "data.num_workers=1"]  # fmt: skip
-    run_cmd(train_cmd(2, *common(tmp_path, "fsdp2", *args, "engine.name=fsdp2"), config=TINY_CLIP), timeout=400)
+    run_cmd(
+        train_cmd(2, *common(tmp_path, "fsdp2", *args, "engine.name=fsdp2"), config=TINY_CLIP), timeout=400
+    )
     run_cmd(train_cmd(2, *common(tmp_path, "zero3", *args, *zero(3)), config=TINY_CLIP), timeout=400)
     a, b = losses(tmp_path / "fsdp2"), losses(tmp_path / "zero3")
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -120,14 +123,22 @@ def test_kill9_and_resume_under_zero3_is_bitwise_identical(tmp_path: Path):
     wa, wb = export_weights(tmp_path / "straight", 12), export_weights(tmp_path / "killed", 12)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ckpt = tmp_path / "killed" / "checkpoints"
-    assert json.loads((ckpt / "step_00000012" / "trainer_state.json").read_text())["state_format"] == "deepspeed"
+    assert (
+        json.loads((ckpt / "step_00000012" / "trainer_state.json").read_text())["state_format"] == "deepspeed"
+    )
     assert os.readlink(ckpt / "latest") == "step_00000012"  # ours, not DeepSpeed's "latest" file
     assert not (ckpt / "latest").is_file() or (ckpt / "latest").is_dir()
 
 
 @pytest.mark.multiproc
 def test_another_world_size_is_refused_with_what_to_do(tmp_path: Path):
-    args = ["data.backend=synthetic", "train.steps=2", "train.global_batch_size=8", "train.ckpt_every=2", *zero(2)]
+    args = [
+        "data.backend=synthetic",
+        "train.steps=2",
+        "train.global_batch_size=8",
+        "train.ckpt_every=2",
+        *zero(2),
+    ]
     run_cmd(train_cmd(2, *common(tmp_path, "w", *args)), timeout=400)
     extend = ["train.steps=4", "resume.allow_config_change=true"]
     proc = run_cmd(train_cmd(1, *common(tmp_path, "w", *args, *extend)), check=False, timeout=400)
@@ -138,7 +149,13 @@ def test_another_world_size_is_refused_with_what_to_do(tmp_path: Path):
 
 
 def test_a_planted_pickle_in_a_deepspeed_checkpoint_is_refused_and_never_runs(tmp_path: Path):
-    args = ["data.backend=synthetic", "train.steps=2", "train.global_batch_size=8", "train.ckpt_every=2", *zero(2)]
+    args = [
+        "data.backend=synthetic",
+        "train.steps=2",
+        "train.global_batch_size=8",
+        "train.ckpt_every=2",
+        *zero(2),
+    ]
     run_cmd(train_cmd(1, *common(tmp_path, "m", *args)), timeout=400)  # one rank: a one-rank group
     ckpt = tmp_path / "m" / "checkpoints" / "step_00000002"
     marker = tmp_path / "pwned"
@@ -172,9 +189,17 @@ def test_a_checkpoint_of_another_engine_is_refused_before_any_file_is_read(tmp_p
     [
         (TINY_MAE, "engine.deepspeed.zero_stag=3", "did you mean 'engine.deepspeed.zero_stage'"),
         (TINY_MAE, "engine.name=deepsped", "did you mean 'deepspeed'"),
-        (TINY_MAE, "engine.deepspeed.zero_stage=0", "Stage 0 is plain data parallelism: use engine.name=fsdp2"),
+        (
+            TINY_MAE,
+            "engine.deepspeed.zero_stage=0",
+            "Stage 0 is plain data parallelism: use engine.name=fsdp2",
+        ),
         (TINY_MAE, "engine.deepspeed.offload_param=true", "needs engine.deepspeed.zero_stage=3"),
-        (TINY_MAE, "optim.clip_mode=per_param", "optim.clip_mode=per_param is not supported by engine.name=deepspeed"),
+        (
+            TINY_MAE,
+            "optim.clip_mode=per_param",
+            "optim.clip_mode=per_param is not supported by engine.name=deepspeed",
+        ),
         (TINY_DINO, "optim.clip_mode=global", "DINO.before_optimizer_step"),
     ],
 )
@@ -187,7 +212,7 @@ def test_the_config_refuses_what_deepspeed_cannot_do(config: Path, override: str
 def test_each_engine_has_its_own_typed_section():
     cfg = load_config(TINY_MAE, ["engine.name=deepspeed", "engine.deepspeed.zero_stage=3"], world_size=2)
     assert cfg.engine.deepspeed.zero_stage == 3 and cfg.engine.fsdp2.reshard_after_forward is True
-    with pytest.raises(ConfigError, match="engine.fsdp2.reshard_after_forward"):
+    with pytest.raises(ConfigError, match=r"engine\.fsdp2\.reshard_after_forward"):
         load_config(TINY_MAE, ["engine.fsdp2.reshard_after_forward=maybe"], world_size=2)
     from pretrain.engines import ENGINES
 

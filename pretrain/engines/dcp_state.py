@@ -156,8 +156,6 @@ def _reusable_stager(device: torch.device) -> Any:
     return DefaultStager(options)
 
 
-
-
 class DCPStateIO:
     """Reads and writes ``{"model": ..., "optim": ...}`` as DCP shards (the state an engine's
     ``state_dict`` gives: sharded DTensors under FSDP2, plain tensors in one process)."""
@@ -193,7 +191,9 @@ class DCPStateIO:
         reader = SafeFileSystemReader(path)
         try:
             _drop_state_never_saved(template, reader.read_metadata())
-            dcp.load(template, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=not self.env.distributed)
+            dcp.load(
+                template, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=not self.env.distributed
+            )
         except CheckpointError:
             raise
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException

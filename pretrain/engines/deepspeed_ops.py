@@ -21,9 +21,8 @@ import time
 
 def prebuild() -> list[str]:
     """Build the ops DeepSpeed loads at initialisation on this machine; return their names."""
-    from deepspeed.accelerator import get_accelerator
-
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
     built = []
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")

@@ -173,14 +173,18 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss, scale_wrt_gas=False)  # the trainer already divided by the micro-batches
 
-    def step(self, max_norm: float | None, clip_mode: str = "global", before_update: Any = None) -> torch.Tensor:
+    def step(
+        self, max_norm: float | None, clip_mode: str = "global", before_update: Any = None
+    ) -> torch.Tensor:
         """DeepSpeed's step: reduce (stages 1), clip at ``optim.clip_grad`` (set at initialisation), update.
 
         ``before_update`` is the method's default no-op (:meth:`validate_config` refused the others).
         Returns DeepSpeed's global gradient norm before clipping.
         """
         if max_norm != (self.cfg.optim.clip_grad) or clip_mode != "global":
-            raise ValueError("DeepSpeedEngine clips at optim.clip_grad, by the global norm, set at initialisation")
+            raise ValueError(
+                "DeepSpeedEngine clips at optim.clip_grad, by the global norm, set at initialisation"
+            )
         self.model.step()
         norm = self.model.get_global_grad_norm()
         if norm is None:
@@ -266,7 +270,9 @@ class DeepSpeedEngine(Engine):
             full = safe_get_full_fp32_param(p) if p.requires_grad else None
             if full is None:  # no master copy (an EMA teacher): the parameter itself, gathered
                 gathered = (
-                    deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext()
+                    deepspeed.zero.GatheredParameters([p])
+                    if hasattr(p, "ds_id")
+                    else contextlib.nullcontext()
                 )
                 with gathered:
                     full = p.data.detach().float().clone()

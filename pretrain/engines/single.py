@@ -16,7 +16,9 @@ class SingleEngine(Engine):
     @classmethod
     def validate_config(cls, cfg: Any, world_size: int, errors: list[str]) -> None:
         if world_size > 1:
-            errors.append(f"engine.name=single cannot run on {world_size} ranks; use fsdp2, deepspeed or auto")
+            errors.append(
+                f"engine.name=single cannot run on {world_size} ranks; use fsdp2, deepspeed or auto"
+            )
 
     @classmethod
     def needs_process_group(cls, world_size: int) -> bool:
