@@ -122,6 +122,11 @@ bench: install data
 gpu-wheels: install
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux2014_x86_64 -d .whl $$(grep -E '^omegaconf==' requirements.txt)
+	# DeepSpeed (an sdist: built here into a pure-Python wheel, no ops) and the dependencies it brings
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w .whl $$(grep -E '^deepspeed==' requirements.txt)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl einops hjson msgpack ninja py-cpuinfo psutil \
+		pydantic pydantic-core annotated-types typing-inspection
 
 clean-runs:
 	rm -rf runs

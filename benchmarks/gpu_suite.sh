@@ -2,11 +2,11 @@
 # Everything this project checks and measures on a GPU, in sections that each finish well inside
 # 10 minutes on one H100. Results (logs, JSON) go to $OUT (default /tmp/gpu_suite).
 #
-#   bash benchmarks/gpu_suite.sh tests      # one section per device command: tests | mae | compile | ckpt | clip | dino
-#   bash benchmarks/gpu_suite.sh            # all five (longer than one 10-minute device command)
+#   bash benchmarks/gpu_suite.sh tests      # one section per device command: tests | mae | compile | ckpt | clip | dino | engines
+#   bash benchmarks/gpu_suite.sh            # all of them (longer than one 10-minute device command)
 #
 # A GPU machine without this project's Python dependencies: put their wheels in .whl/ first
-# (`make gpu-wheels` here; only omegaconf is missing from a typical CUDA PyTorch image) and they
+# (`make gpu-wheels` here: omegaconf, and DeepSpeed with its dependencies for the engines section) and they
 # are installed into /tmp/site before anything runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(tests mae compile ckpt clip dino)
+[ ${#sections[@]} -eq 0 ] && sections=(tests mae compile ckpt clip dino engines)
 status=0
 run() {  # run NAME CMD...: log to $OUT/NAME.log, remember a failure, go on with the next
     local name=$1
@@ -90,8 +90,17 @@ for section in "${sections[@]}"; do
         run dino_fsdp2 "$PY" benchmarks/train_throughput.py "${DINO[@]}" --json "$OUT/dino_fsdp2.json" \
             "${DINO_SET[@]}" engine.name=fsdp2
         ;;
+    engines) # issue 14: MAE ViT-L/16 under each engine, side by side in one invocation (one GPU: the
+        # partitioning has nothing to split, so this measures each engine's overhead; 8 GPUs: --nproc 8)
+        run engines "$PY" benchmarks/train_throughput.py --config configs/mae/vit_l16_in1k.yaml --interval 10 \
+            --windows 2 --repeats 1 --json "$OUT/engines.json" \
+            --variant fsdp2="engine.name=fsdp2" \
+            --variant zero1="engine.name=deepspeed engine.deepspeed.zero_stage=1" \
+            --variant zero2="engine.name=deepspeed engine.deepspeed.zero_stage=2" \
+            --variant zero3="engine.name=deepspeed engine.deepspeed.zero_stage=3" "${MAE_SET[@]}"
+        ;;
     *)
-        echo "unknown section '$section': valid are tests, mae, compile, ckpt, clip, dino" >&2
+        echo "unknown section '$section': valid are tests, mae, compile, ckpt, clip, dino, engines" >&2
         exit 2
         ;;
     esac
