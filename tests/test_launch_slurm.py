@@ -375,6 +375,18 @@ def test_local_two_processes(reference):
     assert (reference / "exports" / "latest" / "backbone.safetensors").exists()
 
 
+def preempt_with_usr2(cluster, job_id: str, run_dir: Path) -> int:
+    """Past step 12, send USR2 to the job; return the step at which the ranks stopped, once its
+    checkpoint is COMPLETE."""
+    wait_step(cluster, job_id, run_dir, 12)
+    cluster.run(["scancel", "--signal=USR2", job_id])
+    stopped = cluster.wait_for(lambda: events(run_dir, "stopped"), timeout=60, what="the stop at a step")
+    step = stopped[0]["step"]
+    assert stopped[0]["reason"] == "SIGUSR2" and 12 <= step < STEPS
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "COMPLETE").exists(), logs(run_dir, job_id)
+    return step
+
+
 @pytest.mark.slurm
 def test_usr2_preemption_saves_on_all_ranks_requeues_once_and_resumes_bitwise(
     slurm_cluster, tmp_path, fmnist_shards, reference
@@ -382,16 +394,9 @@ def test_usr2_preemption_saves_on_all_ranks_requeues_once_and_resumes_bitwise(
     run_dir = tmp_path / "preempted"
     jid = submit(tmp_path, "preempted", fmnist_shards)
     with cancel_on_exit(slurm_cluster, jid):
-        wait_step(slurm_cluster, jid, run_dir, 12)
-        slurm_cluster.run(["scancel", "--signal=USR2", jid])
-        stopped = slurm_cluster.wait_for(
-            lambda: events(run_dir, "stopped"), timeout=60, what="the stop at a step"
-        )
-        step = stopped[0]["step"]
-        assert stopped[0]["reason"] == "SIGUSR2" and 12 <= step < STEPS
+        step = preempt_with_usr2(slurm_cluster, jid, run_dir)
         # All ranks saved that one step: a complete checkpoint with both ranks' shards.
         ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
-        assert (ckpt / "COMPLETE").exists(), logs(run_dir, jid)
         assert (ckpt / "__0_0.distcp").exists() and (ckpt / "__1_0.distcp").exists()
         assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
         slurm_cluster.wait_state(jid, "COMPLETED", timeout=240)
@@ -417,14 +422,8 @@ def test_deepspeed_zero2_run_is_preempted_requeued_and_resumed_with_fsdp2s_losse
     run_dir = tmp_path / "zero2"
     jid = submit(tmp_path, "zero2", fmnist_shards, "engine.name=deepspeed", "engine.deepspeed.zero_stage=2")
     with cancel_on_exit(slurm_cluster, jid):
-        wait_step(slurm_cluster, jid, run_dir, 12)
-        slurm_cluster.run(["scancel", "--signal=USR2", jid])
-        stopped = slurm_cluster.wait_for(
-            lambda: events(run_dir, "stopped"), timeout=60, what="the stop at a step"
-        )
-        step = stopped[0]["step"]
+        step = preempt_with_usr2(slurm_cluster, jid, run_dir)
         ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
-        assert (ckpt / "COMPLETE").exists(), logs(run_dir, jid)
         assert all((ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").exists() for r in (0, 1))
         slurm_cluster.wait_state(jid, "COMPLETED", timeout=240)
     assert attempts(slurm_cluster, jid) == ["REQUEUED", "COMPLETED"]
